@@ -1,0 +1,188 @@
+"""``LoRACheckpointIO``: Lightning's CheckpointIO plugin writing sampler weights and training state."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from . import storage, uris
+from .manifest import MANIFEST, Manifest, utcnow
+from .payload import CheckpointPayload, decode_checkpoint, snapshot_checkpoint, versions
+from .records import RUN_FILE, TrainingRun
+from .uris import CheckpointType
+
+
+class LoRACheckpointIO(CheckpointIO):
+    """Writes LoRA checkpoints in the layout of DESIGN.md to any fsspec URI, pickle-free and atomically.
+
+    Args:
+        root: where bare checkpoint names and ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
+        run_id: the run bare names are saved under (a fresh ``run-<time>-<hex>`` id if None).
+        async_save: snapshot tensors to CPU on the training thread and write in a background thread;
+            saves commit in order, errors surface at the next save or at the end of fit.
+        storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint).
+
+    ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...}}``.
+    """
+
+    def __init__(
+        self,
+        root: str | None = "./checkpoints",
+        run_id: str | None = None,
+        async_save: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        root = uris.default_root(root)
+        self.root = root if "://" in root else os.path.abspath(root)
+        self.run_id = uris.validate_name(run_id, "run id") if run_id else None
+        self.async_save = async_save
+        self.storage_options = dict(storage_options or {})
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future[Any]] = []
+
+    # -- naming -----------------------------------------------------------------------------------
+    def ensure_run_id(self) -> str:
+        if self.run_id is None:
+            self.run_id = f"run-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        return self.run_id
+
+    def resolve(self, path: _PATH, checkpoint_type: CheckpointType) -> str:
+        """The URI a save of ``checkpoint_type`` to ``path`` writes: bare names go under ``root/run_id/<kind>/``."""
+        text = os.fspath(path)
+        if "/" not in text and os.sep not in text and "://" not in text:
+            return uris.checkpoint_uri(self.root, self.ensure_run_id(), checkpoint_type, text)
+        uri = uris.resolve(text, self.root)
+        return uri if "://" in uri else os.path.abspath(uri)
+
+    def resolve_existing(self, path: _PATH) -> str:
+        """The URI of an existing checkpoint: a bare name is looked up under ``weights/``, then ``sampler_weights/``."""
+        candidates = [self.resolve(path, t) for t in ("training", "sampler")]
+        for uri in candidates:
+            fs, fs_path = storage.url_to_fs(uri, self.storage_options)
+            if fs.exists(uris.join(fs_path, MANIFEST)):
+                return uri
+        return candidates[0]
+
+    # -- CheckpointIO -----------------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        self._raise_failed()
+        ttl_seconds, extra_metadata = _parse_save_options(storage_options)
+        payload = snapshot_checkpoint(checkpoint)
+        uri = self.resolve(path, payload.checkpoint_type)
+        layout = uris.split_checkpoint_uri(uri)
+        if layout and layout[2] != payload.checkpoint_type:
+            raise ValueError(
+                f"Cannot save a {payload.checkpoint_type} checkpoint at {uri}: that folder is for "
+                f"{layout[2]} checkpoints; save under {uris.TYPE_DIRS[payload.checkpoint_type]}/ instead"
+            )
+        payload.user_metadata.update(extra_metadata)
+        self._submit(lambda: self._write(payload, uri, ttl_seconds))
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """Read and verify a checkpoint and rebuild the dict Lightning restores from (tensors on CPU)."""
+        self.wait()
+        uri = self.resolve_existing(path)
+        manifest = storage.read_manifest(uri, self.storage_options)
+        files = storage.read_files(uri, manifest, list(manifest.files), self.storage_options)
+        return decode_checkpoint(manifest, files, uri)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Delete a whole checkpoint directory (queued behind pending writes when saving asynchronously)."""
+        uri = self.resolve_existing(path)
+        self._submit(lambda: storage.delete_checkpoint(uri, self.storage_options))
+
+    def teardown(self) -> None:
+        """Wait for every pending write; raise the first error."""
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    # -- background writing -----------------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every queued save and deletion has finished; raise the first error."""
+        pending, self._pending = self._pending, []
+        errors = [f.exception() for f in pending]
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
+
+    def _raise_failed(self) -> None:
+        failed = [f for f in self._pending if f.done() and f.exception() is not None]
+        self._pending = [f for f in self._pending if not f.done()]
+        if failed:
+            raise RuntimeError(f"An earlier asynchronous checkpoint write failed: {failed[0].exception()}") from (
+                failed[0].exception()
+            )
+
+    def _submit(self, job: Callable[[], Any]) -> None:
+        if not self.async_save:
+            job()
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-writer")
+        self._pending.append(self._executor.submit(job))
+
+    def _write(self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None) -> Manifest:
+        created = utcnow()
+        layout = uris.split_checkpoint_uri(uri)
+        run_id, name = (layout[1], layout[3]) if layout else (self.ensure_run_id(), uris.validate_name(uri.rsplit("/", 1)[-1]))
+        if layout:
+            run = TrainingRun(
+                run_id=run_id,
+                base_model=payload.base_model.name_or_path,
+                base_model_fingerprint=payload.base_model.fingerprint,
+                lora_rank=payload.lora_rank,
+                lora_config=payload.adapter_config,
+                created_at=created,
+                user_metadata=payload.user_metadata,
+            )
+            storage.write_json_if_absent(uris.join(layout[0], run_id, RUN_FILE), run.to_json(), self.storage_options)
+
+        def make_manifest(files: dict[str, Any]) -> Manifest:
+            return Manifest(
+                checkpoint_type=payload.checkpoint_type,
+                run_id=run_id,
+                name=name,
+                created_at=created,
+                step=payload.step,
+                epoch=payload.epoch,
+                base_model=payload.base_model,
+                lora_rank=payload.lora_rank,
+                files=files,
+                expires_at=created + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
+                user_metadata=payload.user_metadata,
+                versions=versions(),
+            )
+
+        return storage.commit_checkpoint(uri, payload.to_files(), make_manifest, self.storage_options)
+
+
+def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any]]:
+    options = dict(options or {})
+    ttl = options.pop("ttl_seconds", None)
+    metadata = options.pop("user_metadata", None) or {}
+    if options:
+        raise ValueError(
+            f"Unknown storage_options {sorted(options)} for LoRACheckpointIO.save_checkpoint; "
+            "supported: 'ttl_seconds', 'user_metadata'"
+        )
+    if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
+        raise ValueError(f"ttl_seconds must be a positive number of seconds or None, got {ttl!r}")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"user_metadata must be a dict, got {type(metadata).__name__}")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
+    return ttl, metadata

@@ -1,0 +1,109 @@
+"""Base models and tokenizers: HF ids, local HF directories, and built-in offline configs.
+
+Built-in names build a randomly initialised model from a config with a fixed seed, so the same name
+always gives the same base weights without any download; they share the tokenizer shipped in
+``assets/tokenizer``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+BUILTIN_INIT_SEED = 0
+
+_TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 1024,
+    "tie_word_embeddings": True,
+}
+#: Built-in base models: name -> (model_type, config overrides).
+BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tiny-qwen3": ("qwen3", {"vocab_size": 1024, **_TINY}),
+    "tiny-llama": ("llama", {"vocab_size": 1024, **_TINY}),
+    # The real Qwen3-0.6B architecture, randomly initialised: for benchmarks without a download.
+    "qwen3-0.6b-shape": (
+        "qwen3",
+        {
+            "vocab_size": 151936,
+            "hidden_size": 1024,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+}
+# Keys that describe how a model is run or stored, not which weights it has.
+_RUNTIME_CONFIG_KEYS = frozenset(
+    {
+        "_name_or_path",
+        "transformers_version",
+        "dtype",
+        "torch_dtype",
+        "quantization_config",
+        "use_cache",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "_attn_implementation_autoset",
+    }
+)
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path in BUILTIN_MODELS
+
+
+def load_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
+    """The model config of a built-in name, HF id or local directory."""
+    if is_builtin(name_or_path):
+        model_type, overrides = BUILTIN_MODELS[name_or_path]
+        config = AutoConfig.for_model(model_type, **overrides)
+        config._name_or_path = name_or_path
+        return config
+    return AutoConfig.from_pretrained(name_or_path, revision=revision)
+
+
+def load_base_model(
+    name_or_path: str, dtype: torch.dtype | str = torch.float32, revision: str | None = None
+) -> PreTrainedModel:
+    """Load (or, for a built-in name, deterministically build) the frozen base causal LM."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if not is_builtin(name_or_path):
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILTIN_INIT_SEED)
+        model = AutoModelForCausalLM.from_config(load_config(name_or_path), dtype=dtype)
+    model.config._name_or_path = name_or_path
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a base model; built-in names use the tokenizer shipped with this package."""
+    source = str(TOKENIZER_DIR) if is_builtin(name_or_path) else name_or_path
+    return AutoTokenizer.from_pretrained(source, revision=None if is_builtin(name_or_path) else revision)
+
+
+def config_fingerprint(config: PretrainedConfig) -> str:
+    """sha256 of the architecture-defining part of a model config (identical for the same base anywhere)."""
+    data = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -1,0 +1,252 @@
+"""``LoRAModule``: a LightningModule around a Hugging Face causal LM with a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import transformers
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch import LightningModule
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from . import storage, uris
+from .io import LoRACheckpointIO
+from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
+from .models import config_fingerprint, load_base_model, load_tokenizer
+from .payload import LORA_KEY, decode_checkpoint
+from .uris import CheckpointType
+
+# LoRA settings that must match between a checkpoint and the module it is loaded into.
+_LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+
+
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Token cross-entropy weighted per token (Tinker's ``Datum.weights``), averaged over the total weight."""
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    w = weights.flatten().to(ce.dtype)
+    return (ce * w).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
+
+
+class LoRAModule(LightningModule):
+    """Fine-tunes a LoRA adapter on a frozen causal LM; its checkpoints hold only the adapter and its state.
+
+    Args:
+        base_model: HF model id, local HF directory, or a built-in name (``tiny-qwen3``, ``tiny-llama``,
+            ``qwen3-0.6b-shape``) that is built offline from a config.
+        rank, alpha, dropout, target_modules: the PEFT ``LoraConfig`` (``"all-linear"`` by default).
+        learning_rate, weight_decay, betas, eps: AdamW settings.
+        warmup_steps, lr_schedule: a ``transformers.get_scheduler`` schedule name, stepped every batch.
+        seed: seeds the adapter's initialisation (the base of a built-in name is always the same).
+        user_metadata: JSON-serialisable dict recorded in every checkpoint's manifest.
+        dtype: dtype of the frozen base (the adapter is kept in float32).
+        revision: HF revision of ``base_model``.
+
+    Batches are dicts with ``input_ids``, ``target_tokens`` and ``weights`` (and optionally ``attention_mask``).
+    """
+
+    def __init__(
+        self,
+        base_model: str,
+        rank: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.0,
+        target_modules: str | list[str] = "all-linear",
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        lr_schedule: str = "constant_with_warmup",
+        seed: int = 0,
+        user_metadata: dict[str, Any] | None = None,
+        dtype: str = "float32",
+        revision: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        try:
+            json.dumps(user_metadata or {}, allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
+        self.user_metadata = dict(user_metadata or {})
+        base = load_base_model(base_model, dtype=dtype, revision=revision)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.base_model_ref = BaseModelRef(base_model, config_fingerprint(base.config))
+        lora_config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            task_type="CAUSAL_LM",
+            revision=revision,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model: PeftModel = get_peft_model(base, lora_config)
+        self.model.peft_config["default"].base_model_name_or_path = base_model
+        # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
+        self.strict_loading = False
+        self._restore_optimizer_from: dict[str, Any] | None = None
+
+    # -- model ------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        return weighted_cross_entropy(logits, batch["target_tokens"], batch["weights"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.hparams.base_model, self.hparams.revision)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
+        )
+        total = self.trainer.estimated_stepping_batches
+        scheduler = transformers.get_scheduler(
+            hp.lr_schedule,
+            optimizer,
+            num_warmup_steps=hp.warmup_steps,
+            num_training_steps=int(total) if math.isfinite(total) else None,
+        )
+        if self._restore_optimizer_from is not None:
+            optimizer.load_state_dict(self._restore_optimizer_from["optimizer_states"][0])
+            scheduler.load_state_dict(self._restore_optimizer_from["lr_schedulers"][0])
+            self._restore_optimizer_from = None
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoint contents ----------------------------------------------------------------------
+    def adapter_config(self) -> dict[str, Any]:
+        """The adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes)."""
+        config = copy.deepcopy(self.model.peft_config["default"])
+        config.inference_mode = True
+        return json.loads(json.dumps(config.to_dict(), default=sorted))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = get_peft_model_state_dict(self.model)
+        checkpoint[LORA_KEY] = {
+            "adapter_config": self.adapter_config(),
+            "base_model": dataclasses.asdict(self.base_model_ref),
+            "user_metadata": self.user_metadata,
+        }
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        lora = checkpoint.get(LORA_KEY)
+        if lora is None:
+            raise ValueError(
+                "This checkpoint was not written by LoRACheckpointIO (no 'lora_ckpt' entry); add "
+                "plugins=[LoRACheckpointIO(...)] to the Trainer that loads it"
+            )
+        self.load_adapter(checkpoint["state_dict"], lora)
+        checkpoint["state_dict"] = {}
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+    def load_adapter(self, state_dict: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
+        """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set."""
+        source = lora.get("source", "the checkpoint")
+        BaseModelRef(**lora["base_model"]).check_compatible(self.base_model_ref, source)
+        ours, theirs = self.adapter_config(), lora["adapter_config"]
+        for key in _LORA_IDENTITY:
+            a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
+            if a != b:
+                raise ValueError(f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}")
+        expected = get_peft_model_state_dict(self.model)
+        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter tensors of {source} do not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        for key, tensor in state_dict.items():
+            if tensor.shape != expected[key].shape:
+                raise ValueError(
+                    f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, "
+                    f"the module expects {tuple(expected[key].shape)}"
+                )
+        set_peft_model_state_dict(self.model, state_dict)
+
+    # -- the hosted-service style API -------------------------------------------------------------
+    def save_state(self, name: str, ttl_seconds: float | None = None) -> str:
+        """Save adapter + optimizer + loop state as training checkpoint ``name``; returns its URI."""
+        return self._save(name, "training", ttl_seconds)
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: float | None = None) -> str:
+        """Save only the adapter (PEFT format) as sampler checkpoint ``name``; returns its URI."""
+        return self._save(name, "sampler", ttl_seconds)
+
+    def _save(self, name: str, checkpoint_type: CheckpointType, ttl_seconds: float | None) -> str:
+        trainer = self.trainer
+        io = trainer.strategy.checkpoint_io
+        if not isinstance(io, LoRACheckpointIO):
+            raise RuntimeError(
+                f"save_state/save_weights_for_sampler need the LoRACheckpointIO plugin, the trainer has "
+                f"{type(io).__name__}; create the Trainer with plugins=[LoRACheckpointIO(root=...)]"
+            )
+        uris.validate_name(name, "checkpoint name")
+        options = {"ttl_seconds": ttl_seconds} if ttl_seconds is not None else None
+        trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
+        return trainer.strategy.broadcast(io.resolve(name, checkpoint_type))
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        uri: str | os.PathLike[str],
+        with_optimizer: bool = False,
+        root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> LoRAModule:
+        """Rebuild the module (base model, LoRA config) from a checkpoint and load its adapter.
+
+        The optimizer starts fresh and training starts at step 0, unless ``with_optimizer`` (training
+        checkpoints only) restores the optimizer moments and LR schedule when the optimizer is created.
+        ``overrides`` replace constructor arguments, e.g. ``learning_rate`` or ``base_model``.
+        """
+        uri = uris.resolve(uri, root)
+        manifest = storage.read_manifest(uri, storage_options)
+        if with_optimizer and manifest.checkpoint_type != "training":
+            raise ValueError(f"{uri} is a sampler checkpoint; with_optimizer=True needs a training checkpoint")
+        names = list(manifest.files) if with_optimizer else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        checkpoint = decode_checkpoint(manifest, storage.read_files(uri, manifest, names, storage_options), uri)
+        config = checkpoint[LORA_KEY]["adapter_config"]
+        kwargs: dict[str, Any] = {
+            **{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")},
+            "base_model": manifest.base_model.name_or_path,
+            "rank": config["r"],
+            "alpha": config["lora_alpha"],
+            "dropout": config.get("lora_dropout", 0.0),
+            "target_modules": config["target_modules"],
+            **overrides,
+        }
+        module = cls(**kwargs)
+        module.load_adapter(checkpoint["state_dict"], checkpoint[LORA_KEY])
+        if with_optimizer:
+            module._restore_optimizer_from = checkpoint
+        return module
+
+
+def _normalise(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value

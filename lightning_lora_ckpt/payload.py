@@ -1,0 +1,126 @@
+"""Splitting a Lightning checkpoint dict into the files of a checkpoint directory, and joining them back.
+
+``LoRAModule.on_save_checkpoint`` leaves two things in the dict: ``state_dict`` holding only the adapter
+under PEFT's key names, and a ``lora_ckpt`` entry with the PEFT config and the base model reference.
+A dict without ``optimizer_states`` (Lightning's ``weights_only=True``) becomes a sampler checkpoint;
+one with it a training checkpoint whose remaining entries go to ``training_state.{safetensors,json}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import lightning
+import peft
+import safetensors.torch
+import torch
+
+from . import __version__
+from .manifest import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    STATE_JSON,
+    STATE_TENSORS,
+    BaseModelRef,
+    CheckpointFormatError,
+    Manifest,
+)
+from .state_codec import decode_state, encode_state, snapshot_tensor
+from .uris import CheckpointType
+
+LORA_KEY = "lora_ckpt"
+_SAFETENSORS_METADATA = {"format": "pt"}  # what PEFT's save_pretrained writes
+
+
+@dataclasses.dataclass
+class CheckpointPayload:
+    """A CPU snapshot of everything a checkpoint holds, ready to be serialised off the training thread."""
+
+    checkpoint_type: CheckpointType
+    adapter: dict[str, torch.Tensor]
+    adapter_config: dict[str, Any]
+    base_model: BaseModelRef
+    user_metadata: dict[str, Any]
+    step: int
+    epoch: int
+    state_tree: Any = None
+    state_tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    @property
+    def lora_rank(self) -> int:
+        return int(self.adapter_config.get("r", 0))
+
+    def to_files(self) -> dict[str, bytes]:
+        """Serialise into file contents, in the order of ``FILES``."""
+        files = {
+            ADAPTER_WEIGHTS: safetensors.torch.save(self.adapter, metadata=_SAFETENSORS_METADATA),
+            ADAPTER_CONFIG: json.dumps(self.adapter_config, indent=2, sort_keys=True).encode(),
+        }
+        if self.checkpoint_type == "training":
+            files[STATE_TENSORS] = safetensors.torch.save(self.state_tensors)
+            files[STATE_JSON] = json.dumps(self.state_tree, allow_nan=False).encode()
+        return files
+
+
+def snapshot_checkpoint(checkpoint: dict[str, Any]) -> CheckpointPayload:
+    """Copy a Lightning checkpoint dict into a :class:`CheckpointPayload` (tensors copied to CPU)."""
+    rest = dict(checkpoint)
+    try:
+        lora = rest.pop(LORA_KEY)
+    except KeyError:
+        raise ValueError(
+            f"The checkpoint has no {LORA_KEY!r} entry: LoRACheckpointIO saves LoRAModule checkpoints; "
+            "use lightning_lora_ckpt.LoRAModule as the LightningModule"
+        ) from None
+    adapter = {k: snapshot_tensor(v) for k, v in rest.pop("state_dict").items()}
+    checkpoint_type: CheckpointType = "training" if "optimizer_states" in rest else "sampler"
+    payload = CheckpointPayload(
+        checkpoint_type=checkpoint_type,
+        adapter=adapter,
+        adapter_config=lora["adapter_config"],
+        base_model=BaseModelRef(**lora["base_model"]),
+        user_metadata=dict(lora.get("user_metadata") or {}),
+        step=int(rest.get("global_step", 0)),
+        epoch=int(rest.get("epoch", 0)),
+    )
+    if checkpoint_type == "training":
+        payload.state_tree, payload.state_tensors = encode_state(rest)
+    return payload
+
+
+def versions() -> dict[str, str]:
+    return {
+        "lightning_lora_ckpt": __version__,
+        "lightning": lightning.__version__,
+        "peft": peft.__version__,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) -> dict[str, Any]:
+    """Rebuild the Lightning checkpoint dict from verified file contents."""
+    try:
+        adapter = safetensors.torch.load(files[ADAPTER_WEIGHTS])
+        adapter_config = json.loads(files[ADAPTER_CONFIG])
+        checkpoint: dict[str, Any] = {
+            "epoch": manifest.epoch,
+            "global_step": manifest.step,
+            "pytorch-lightning_version": manifest.versions.get("lightning", lightning.__version__),
+        }
+        if STATE_TENSORS in files:  # absent when only the adapter was read
+            tensors = safetensors.torch.load(files[STATE_TENSORS])
+            checkpoint.update(decode_state(json.loads(files[STATE_JSON]), tensors))
+    except CheckpointFormatError:
+        raise
+    except (ValueError, KeyError, RecursionError, safetensors.SafetensorError) as err:
+        raise CheckpointFormatError(f"Checkpoint {source} cannot be decoded: {err}") from err
+    checkpoint["state_dict"] = adapter
+    checkpoint[LORA_KEY] = {
+        "adapter_config": adapter_config,
+        "base_model": dataclasses.asdict(manifest.base_model),
+        "user_metadata": manifest.user_metadata,
+        "source": source,
+    }
+    return checkpoint

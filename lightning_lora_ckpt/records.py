@@ -1,0 +1,99 @@
+"""Metadata records users see: :class:`Checkpoint` and :class:`TrainingRun` (``run.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from typing import Any
+
+from .manifest import Manifest, iso_time, parse_time
+from .uris import CheckpointType, TYPE_DIRS
+
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One committed checkpoint, as listed by :class:`~lightning_lora_ckpt.CheckpointStore`."""
+
+    checkpoint_id: str
+    checkpoint_type: CheckpointType
+    time: datetime
+    path: str
+    size_bytes: int
+    public: bool
+    expires_at: datetime | None
+    step: int
+    base_model: str
+    lora_rank: int
+    run_id: str
+    user_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, path: str) -> Checkpoint:
+        return cls(
+            checkpoint_id=f"{TYPE_DIRS[manifest.checkpoint_type]}/{manifest.name}",
+            checkpoint_type=manifest.checkpoint_type,
+            time=manifest.created_at,
+            path=path,
+            size_bytes=manifest.size_bytes,
+            public=manifest.public,
+            expires_at=manifest.expires_at,
+            step=manifest.step,
+            base_model=manifest.base_model.name_or_path,
+            lora_rank=manifest.lora_rank,
+            run_id=manifest.run_id,
+            user_metadata=manifest.user_metadata,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (times as ISO-8601 UTC)."""
+        data = dataclasses.asdict(self)
+        data["time"] = iso_time(self.time)
+        data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """A run: the base and LoRA config its checkpoints share, and its newest checkpoints."""
+
+    run_id: str
+    base_model: str
+    base_model_fingerprint: str
+    lora_rank: int
+    lora_config: dict[str, Any]
+    created_at: datetime
+    user_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    last_checkpoint: Checkpoint | None = None
+    last_sampler_checkpoint: Checkpoint | None = None
+
+    def to_json(self) -> bytes:
+        """The ``run.json`` document (the last-checkpoint fields are derived from listings, not stored)."""
+        data = {
+            "run_id": self.run_id,
+            "base_model": self.base_model,
+            "base_model_fingerprint": self.base_model_fingerprint,
+            "lora_rank": self.lora_rank,
+            "lora_config": self.lora_config,
+            "created_at": iso_time(self.created_at),
+            "user_metadata": self.user_metadata,
+        }
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes, source: str) -> TrainingRun:
+        try:
+            data = json.loads(raw)
+            return cls(
+                run_id=data["run_id"],
+                base_model=data["base_model"],
+                base_model_fingerprint=data["base_model_fingerprint"],
+                lora_rank=int(data["lora_rank"]),
+                lora_config=dict(data["lora_config"]),
+                created_at=parse_time(data["created_at"]),
+                user_metadata=dict(data.get("user_metadata") or {}),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"Invalid run metadata {source}: {err}") from err
