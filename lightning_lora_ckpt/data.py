@@ -42,7 +42,9 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[float]]:
+def _render_chat(
+    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[int], list[float]]:
     tokens: list[int] = []
     weights: list[float] = []
     rendered = ""
@@ -82,7 +84,9 @@ class Collator:
         length = max(len(e["input_ids"]) for e in examples)
 
         def pad(key: str, value: float, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([list(e[key]) + [value] * (length - len(e[key])) for e in examples], dtype=dtype)
+            return torch.tensor(
+                [list(e[key]) + [value] * (length - len(e[key])) for e in examples], dtype=dtype
+            )
 
         return {
             "input_ids": pad("input_ids", self.pad_token_id, torch.long),
@@ -110,6 +114,17 @@ def read_jsonl(path: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -
     return examples
 
 
+def _loader_classes(stateful: bool) -> tuple[type[DataLoader], type[DistributedSampler]]:
+    if not stateful:
+        return DataLoader, DistributedSampler
+    try:
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+    except ImportError as err:
+        raise ImportError("stateful=True needs torchdata: pip install torchdata") from err
+    return StatefulDataLoader, StatefulDistributedSampler
+
+
 class JSONLDataModule(LightningDataModule):
     """Training (and optional validation) data from JSONL files, tokenized with the model's tokenizer.
 
@@ -118,6 +133,8 @@ class JSONLDataModule(LightningDataModule):
         tokenizer: tokenizer name or path; by default the LightningModule's ``get_tokenizer()``.
         max_length: examples are truncated to this many input tokens.
         shuffle, seed: the training order is a function of (seed, epoch), so it is the same after a resume.
+        stateful: use torchdata's ``StatefulDataLoader``, whose position travels in the checkpoint, so a
+            resume continues mid-epoch at the next batch; a plain DataLoader replays the epoch from its start.
     """
 
     def __init__(
@@ -130,6 +147,7 @@ class JSONLDataModule(LightningDataModule):
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        stateful: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -141,7 +159,9 @@ class JSONLDataModule(LightningDataModule):
         if self.hparams.tokenizer:
             return load_tokenizer(self.hparams.tokenizer)
         if self.trainer is None or not hasattr(self.trainer.lightning_module, "get_tokenizer"):
-            raise ValueError("JSONLDataModule needs tokenizer=... unless its LightningModule has get_tokenizer()")
+            raise ValueError(
+                "JSONLDataModule needs tokenizer=... unless its LightningModule has get_tokenizer()"
+            )
         return self.trainer.lightning_module.get_tokenizer()
 
     def setup(self, stage: str | None = None) -> None:
@@ -156,13 +176,18 @@ class JSONLDataModule(LightningDataModule):
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed)
-        return DataLoader(
+        loader_class, sampler_class = _loader_classes(self.hparams.stateful)
+        return loader_class(
             examples,  # type: ignore[arg-type]
             batch_size=self.hparams.batch_size,
-            sampler=sampler,
+            sampler=sampler_class(
+                examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed
+            ),
             collate_fn=self.collator,
             num_workers=self.hparams.num_workers,
+            # A generator of its own keeps iterator creation from drawing on the global RNG (dropout's), so
+            # a resumed run draws the same random numbers as an uninterrupted one.
+            generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -20,7 +20,9 @@ from .manifest import MANIFEST, MAX_MANIFEST_BYTES, CheckpointFormatError, FileE
 from .uris import join
 
 
-def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(
+    uri: str, storage_options: Mapping[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path of ``uri``."""
     return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
 

@@ -50,9 +50,16 @@ class CheckpointStore:
             raise KeyError(f"No run {run_id!r} under {self.root} ({source} does not exist)") from None
         run = TrainingRun.from_json(raw, source)
         checkpoints = self.list_checkpoints(run_id)
-        newest = {t: max((c for c in checkpoints if c.checkpoint_type == t), key=_order, default=None) for t in KIND_DIRS.values()}
+        newest = {
+            t: max((c for c in checkpoints if c.checkpoint_type == t), key=_order, default=None)
+            for t in KIND_DIRS.values()
+        }
         return TrainingRun(
-            **{**run.__dict__, "last_checkpoint": newest["training"], "last_sampler_checkpoint": newest["sampler"]}
+            **{
+                **run.__dict__,
+                "last_checkpoint": newest["training"],
+                "last_sampler_checkpoint": newest["sampler"],
+            }
         )
 
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:

@@ -68,6 +68,11 @@ def resolve(path: str | os.PathLike[str], root: str | None = None) -> str:
 def split_checkpoint_uri(uri: str) -> tuple[str, str, CheckpointType, str] | None:
     """Split ``<root>/<run_id>/<kind>/<name>`` into its parts, or None if ``uri`` is not in that layout."""
     parts = uri.rstrip("/").rsplit("/", 3)
-    if len(parts) != 4 or parts[2] not in KIND_DIRS or not _NAME.fullmatch(parts[1]) or not _NAME.fullmatch(parts[3]):
+    if (
+        len(parts) != 4
+        or parts[2] not in KIND_DIRS
+        or not _NAME.fullmatch(parts[1])
+        or not _NAME.fullmatch(parts[3])
+    ):
         return None
     return parts[0], parts[1], KIND_DIRS[parts[2]], parts[3]
