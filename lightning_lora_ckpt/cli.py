@@ -75,9 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"LoRA checkpoint lifecycle for Lightning. Training: {', '.join(TRAINING_COMMANDS)} "
         "(LightningCLI, e.g. 'fit -c examples/demo.yaml').",
     )
-    parser.add_argument(
-        "--root", default=None, help=f"checkpoint root URI (default: ${ROOT_ENV} or ./checkpoints)"
-    )
+    parser.add_argument("--root", default=None, help=f"checkpoint root URI (default: ${ROOT_ENV} or ./checkpoints)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("list", help="list runs and their committed checkpoints")

@@ -26,7 +26,7 @@ def tokenize_record(record: dict[str, Any], tokenizer: PreTrainedTokenizerBase, 
     if "messages" in record:
         tokens, weights = _render_chat(record["messages"], tokenizer)
     elif "text" in record:
-        tokens = _encode(tokenizer, record["text"]) + [tokenizer.eos_token_id]
+        tokens = [*_encode(tokenizer, record["text"]), tokenizer.eos_token_id]
         if tokenizer.bos_token_id is not None:
             tokens.insert(0, tokenizer.bos_token_id)
         weights = [1.0] * len(tokens)
@@ -42,9 +42,7 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render_chat(
-    messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase
-) -> tuple[list[int], list[float]]:
+def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[float]]:
     tokens: list[int] = []
     weights: list[float] = []
     rendered = ""
@@ -84,9 +82,7 @@ class Collator:
         length = max(len(e["input_ids"]) for e in examples)
 
         def pad(key: str, value: float, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(
-                [list(e[key]) + [value] * (length - len(e[key])) for e in examples], dtype=dtype
-            )
+            return torch.tensor([list(e[key]) + [value] * (length - len(e[key])) for e in examples], dtype=dtype)
 
         return {
             "input_ids": pad("input_ids", self.pad_token_id, torch.long),
@@ -159,9 +155,7 @@ class JSONLDataModule(LightningDataModule):
         if self.hparams.tokenizer:
             return load_tokenizer(self.hparams.tokenizer)
         if self.trainer is None or not hasattr(self.trainer.lightning_module, "get_tokenizer"):
-            raise ValueError(
-                "JSONLDataModule needs tokenizer=... unless its LightningModule has get_tokenizer()"
-            )
+            raise ValueError("JSONLDataModule needs tokenizer=... unless its LightningModule has get_tokenizer()")
         return self.trainer.lightning_module.get_tokenizer()
 
     def setup(self, stage: str | None = None) -> None:
@@ -180,9 +174,7 @@ class JSONLDataModule(LightningDataModule):
         return loader_class(
             examples,  # type: ignore[arg-type]
             batch_size=self.hparams.batch_size,
-            sampler=sampler_class(
-                examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed
-            ),
+            sampler=sampler_class(examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed),
             collate_fn=self.collator,
             num_workers=self.hparams.num_workers,
             # A generator of its own keeps iterator creation from drawing on the global RNG (dropout's), so

@@ -72,9 +72,7 @@ class LoRACheckpointIO(CheckpointIO):
         return candidates[0]
 
     # -- CheckpointIO -----------------------------------------------------------------------------
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
-    ) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         self._raise_failed()
         ttl_seconds, extra_metadata = _parse_save_options(storage_options)
         payload = snapshot_checkpoint(checkpoint)
@@ -123,9 +121,9 @@ class LoRACheckpointIO(CheckpointIO):
         failed = [f for f in self._pending if f.done() and f.exception() is not None]
         self._pending = [f for f in self._pending if not f.done()]
         if failed:
-            raise RuntimeError(
-                f"An earlier asynchronous checkpoint write failed: {failed[0].exception()}"
-            ) from (failed[0].exception())
+            raise RuntimeError(f"An earlier asynchronous checkpoint write failed: {failed[0].exception()}") from (
+                failed[0].exception()
+            )
 
     def _submit(self, job: Callable[[], Any]) -> None:
         if not self.async_save:
@@ -139,9 +137,7 @@ class LoRACheckpointIO(CheckpointIO):
         created = utcnow()
         layout = uris.split_checkpoint_uri(uri)
         run_id, name = (
-            (layout[1], layout[3])
-            if layout
-            else (self.ensure_run_id(), uris.validate_name(uri.rsplit("/", 1)[-1]))
+            (layout[1], layout[3]) if layout else (self.ensure_run_id(), uris.validate_name(uri.rsplit("/", 1)[-1]))
         )
         if layout:
             run = TrainingRun(
@@ -153,9 +149,7 @@ class LoRACheckpointIO(CheckpointIO):
                 created_at=created,
                 user_metadata=payload.user_metadata,
             )
-            storage.write_json_if_absent(
-                uris.join(layout[0], run_id, RUN_FILE), run.to_json(), self.storage_options
-            )
+            storage.write_json_if_absent(uris.join(layout[0], run_id, RUN_FILE), run.to_json(), self.storage_options)
 
         def make_manifest(files: dict[str, Any]) -> Manifest:
             return Manifest(

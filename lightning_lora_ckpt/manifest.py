@@ -113,18 +113,14 @@ class Manifest:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise bad(f"'format' is not {FORMAT!r}")
         if data.get("format_version") != FORMAT_VERSION:
-            raise bad(
-                f"unsupported format_version {data.get('format_version')!r}; upgrade lightning-lora-ckpt"
-            )
+            raise bad(f"unsupported format_version {data.get('format_version')!r}; upgrade lightning-lora-ckpt")
         try:
             ctype = data["checkpoint_type"]
             if ctype not in FILES:
                 raise bad(f"unknown checkpoint_type {ctype!r}")
             files = {str(k): FileEntry(**v) for k, v in data["files"].items()}
             if set(files) != set(FILES[ctype]):
-                raise bad(
-                    f"a {ctype} checkpoint must list exactly {sorted(FILES[ctype])}, got {sorted(files)}"
-                )
+                raise bad(f"a {ctype} checkpoint must list exactly {sorted(FILES[ctype])}, got {sorted(files)}")
             for fname, entry in files.items():
                 if type(entry.size) is not int or entry.size < 0 or not _SHA256.fullmatch(str(entry.sha256)):
                     raise bad(f"bad size or sha256 for {fname}")

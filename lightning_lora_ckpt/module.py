@@ -28,9 +28,7 @@ from .uris import CheckpointType
 _LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
 
 
-def weighted_cross_entropy(
-    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Token cross-entropy weighted per token (Tinker's ``Datum.weights``), averaged over the total weight."""
     ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
     w = weights.flatten().to(ce.dtype)
@@ -230,13 +228,9 @@ class LoRAModule(LightningModule):
         uri = uris.resolve(uri, root)
         manifest = storage.read_manifest(uri, storage_options)
         if with_optimizer and manifest.checkpoint_type != "training":
-            raise ValueError(
-                f"{uri} is a sampler checkpoint; with_optimizer=True needs a training checkpoint"
-            )
+            raise ValueError(f"{uri} is a sampler checkpoint; with_optimizer=True needs a training checkpoint")
         names = list(manifest.files) if with_optimizer else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-        checkpoint = decode_checkpoint(
-            manifest, storage.read_files(uri, manifest, names, storage_options), uri
-        )
+        checkpoint = decode_checkpoint(manifest, storage.read_files(uri, manifest, names, storage_options), uri)
         config = checkpoint[LORA_KEY]["adapter_config"]
         kwargs: dict[str, Any] = {
             **{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")},

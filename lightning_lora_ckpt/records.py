@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 from .manifest import Manifest, iso_time, parse_time
-from .uris import CheckpointType, TYPE_DIRS
+from .uris import TYPE_DIRS, CheckpointType
 
 RUN_FILE = "run.json"
 

@@ -68,9 +68,7 @@ def encode_state(obj: Any, copy_tensors: bool = True) -> tuple[Any, dict[str, to
         if isinstance(value, dict):
             if all(isinstance(k, str) and k != _TAG for k in value):
                 return {k: enc(v, f"{path}.{k}" if path else k) for k, v in value.items()}
-            return _tagged(
-                "map", [[enc(k, f"{path}.<key>"), enc(v, f"{path}.{k}")] for k, v in value.items()]
-            )
+            return _tagged("map", [[enc(k, f"{path}.<key>"), enc(v, f"{path}.{k}")] for k, v in value.items()])
         if isinstance(value, bytes):
             return _tagged("bytes", base64.b64encode(value).decode("ascii"))
         if isinstance(value, torch.dtype):
@@ -101,9 +99,7 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
             raise ValueError(f"Malformed tagged value in training state: {str(value)[:200]}")
         if kind in ("tensor", "ndarray"):
             if not isinstance(payload, str) or payload not in tensors:
-                raise ValueError(
-                    f"Training state refers to tensor {payload!r}, which is not in the tensor file"
-                )
+                raise ValueError(f"Training state refers to tensor {payload!r}, which is not in the tensor file")
             return tensors[payload] if kind == "tensor" else tensors[payload].numpy()
         if kind == "tuple":
             return tuple(dec(v) for v in _expect(payload, list, kind))

@@ -20,9 +20,7 @@ from .manifest import MANIFEST, MAX_MANIFEST_BYTES, CheckpointFormatError, FileE
 from .uris import join
 
 
-def url_to_fs(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path of ``uri``."""
     return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
 
@@ -43,9 +41,7 @@ def commit_checkpoint(
     """
     fs, path = url_to_fs(uri, storage_options)
     if fs.exists(join(path, MANIFEST)):
-        raise FileExistsError(
-            f"A checkpoint already exists at {uri}; delete it first or save under another name"
-        )
+        raise FileExistsError(f"A checkpoint already exists at {uri}; delete it first or save under another name")
     manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in files.items()})
     payload = {**files, MANIFEST: manifest.to_json()}
     if is_local(fs):
@@ -100,8 +96,7 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
         raw = fs.cat_file(join(path, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as err:
         raise CheckpointFormatError(
-            f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never "
-            "completed)"
+            f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never completed)"
         ) from err
     return Manifest.from_json(raw, join(uri, MANIFEST))
 

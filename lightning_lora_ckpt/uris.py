@@ -20,9 +20,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 def validate_name(name: str, what: str = "name") -> str:
     """Return ``name`` if it is a valid run id or checkpoint name, else raise ``ValueError``."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(
-            f"Invalid {what} {name!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'"
-        )
+        raise ValueError(f"Invalid {what} {name!r}: use 1-128 characters from [A-Za-z0-9._-], not starting with '.'")
     return name
 
 
@@ -68,11 +66,6 @@ def resolve(path: str | os.PathLike[str], root: str | None = None) -> str:
 def split_checkpoint_uri(uri: str) -> tuple[str, str, CheckpointType, str] | None:
     """Split ``<root>/<run_id>/<kind>/<name>`` into its parts, or None if ``uri`` is not in that layout."""
     parts = uri.rstrip("/").rsplit("/", 3)
-    if (
-        len(parts) != 4
-        or parts[2] not in KIND_DIRS
-        or not _NAME.fullmatch(parts[1])
-        or not _NAME.fullmatch(parts[3])
-    ):
+    if len(parts) != 4 or parts[2] not in KIND_DIRS or not _NAME.fullmatch(parts[1]) or not _NAME.fullmatch(parts[3]):
         return None
     return parts[0], parts[1], KIND_DIRS[parts[2]], parts[3]

@@ -19,9 +19,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODULE_KWARGS: dict[str, Any] = {"base_model": "tiny-qwen3", "rank": 4, "alpha": 8, "learning_rate": 1e-2}
 
 
-def token_batches(
-    n: int = 8, batch_size: int = 2, length: int = 16, seed: int = 0
-) -> list[dict[str, torch.Tensor]]:
+def token_batches(n: int = 8, batch_size: int = 2, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     """Random next-token batches in the LoRAModule batch format, with some zero weights."""
     g = torch.Generator().manual_seed(seed)
     batches = []

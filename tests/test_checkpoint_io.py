@@ -62,26 +62,20 @@ def test_layout_and_exact_tensor_sets(trained) -> None:
         assert set(safetensors.torch.load_file(f"{ckpt}/adapter_model.safetensors")) == ADAPTER_KEYS
     state = safetensors.torch.load_file(f"{training}/training_state.safetensors")
     moments = {
-        f"optimizer_states.0.state.{i}.{k}"
-        for i in range(len(ADAPTER_KEYS))
-        for k in ("step", "exp_avg", "exp_avg_sq")
+        f"optimizer_states.0.state.{i}.{k}" for i in range(len(ADAPTER_KEYS)) for k in ("step", "exp_avg", "exp_avg_sq")
     }
     assert set(state) == moments | {"rng_states.torch", "rng_states.numpy.1"}
     base_numel = {p.numel() for n, p in module.named_parameters() if "lora_" not in n}
     assert not any(t.numel() in base_numel and t.numel() > 64 for t in state.values())
     config = json.loads(Path(sampler, "adapter_config.json").read_text())
-    assert (
-        config["peft_type"] == "LORA"
-        and config["r"] == 4
-        and config["base_model_name_or_path"] == "tiny-qwen3"
-    )
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["base_model_name_or_path"] == "tiny-qwen3"
     manifest = read_manifest(training)
     assert manifest.checkpoint_type == "training" and manifest.step == 4 and manifest.lora_rank == 4
     assert manifest.base_model.name_or_path == "tiny-qwen3" and len(manifest.base_model.fingerprint) == 64
 
 
 def test_no_file_is_a_pickle_and_loading_never_unpickles(trained, monkeypatch) -> None:
-    module, io, trainer = trained
+    module, io, _trainer = trained
     uri = module.save_state("t")
     for name in os.listdir(uri):
         head = Path(uri, name).read_bytes()[:2]
@@ -162,7 +156,7 @@ def test_failed_upload_leaves_no_visible_checkpoint_and_surfaces_the_error(train
     import fsspec
 
     fsspec.register_implementation("failingmem", FailingMemoryFS, clobber=True)
-    module, _, trainer = trained
+    _module, _, trainer = trained
     io = LoRACheckpointIO(root="failingmem://bucket", run_id="run", async_save=True)
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
     for writes in range(5):  # fail at every point: run.json, each file, the manifest
@@ -176,13 +170,11 @@ def test_failed_upload_leaves_no_visible_checkpoint_and_surfaces_the_error(train
     FailingMemoryFS.writes_left = 100
     io.save_checkpoint(checkpoint, "t0")  # retrying over the leftovers of a failed save works
     io.wait()
-    assert [c.checkpoint_id for c in CheckpointStore("failingmem://bucket").list_checkpoints("run")] == [
-        "weights/t0"
-    ]
+    assert [c.checkpoint_id for c in CheckpointStore("failingmem://bucket").list_checkpoints("run")] == ["weights/t0"]
 
 
 def test_async_errors_surface_on_next_save_and_teardown(trained) -> None:
-    module, _, trainer = trained
+    _module, _, trainer = trained
     io = LoRACheckpointIO(root=trainer.strategy.checkpoint_io.root, run_id="async", async_save=True)
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
     io.save_checkpoint(checkpoint, "dup")
@@ -240,9 +232,7 @@ CRASH_CHILD = textwrap.dedent(
 def test_killed_writer_never_leaves_a_damaged_visible_checkpoint(tmp_path) -> None:
     for trial, delay in enumerate((0.3, 0.9, 1.7)):
         root = tmp_path / f"trial{trial}"
-        child = subprocess.Popen(
-            [sys.executable, "-c", CRASH_CHILD, str(root)], stdout=subprocess.PIPE, text=True
-        )
+        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, str(root)], stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
         time.sleep(delay)
         child.kill()

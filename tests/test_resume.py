@@ -27,9 +27,7 @@ class LossRecorder(L.Callback):
     def __init__(self) -> None:
         self.losses: list[float] = []
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.losses.append(outputs["loss"].item())
 
 
@@ -43,9 +41,7 @@ def shuffled_loader(stateful: bool = False) -> DataLoader:
     loader_class = StatefulDataLoader if stateful else DataLoader
     # A generator of its own keeps iterator creation from drawing on the global RNG that dropout uses.
     generator = torch.Generator().manual_seed(0)
-    return loader_class(
-        batches, batch_size=1, sampler=sampler, collate_fn=lambda items: items[0], generator=generator
-    )
+    return loader_class(batches, batch_size=1, sampler=sampler, collate_fn=lambda items: items[0], generator=generator)
 
 
 class StopAt(L.Callback):
@@ -54,9 +50,7 @@ class StopAt(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         trainer.should_stop = trainer.should_stop or trainer.global_step == self.step
 
 
@@ -70,9 +64,7 @@ def train(
     L.seed_everything(0)
     module, recorder = LoRAModule(**RESUME_KWARGS), LossRecorder()
     callbacks = [recorder, *callbacks, *([StopAt(stop_at)] if stop_at else [])]
-    make_trainer(io, max_steps=16, callbacks=callbacks).fit(
-        module, shuffled_loader(stateful), ckpt_path=ckpt_path
-    )
+    make_trainer(io, max_steps=16, callbacks=callbacks).fit(module, shuffled_loader(stateful), ckpt_path=ckpt_path)
     return module, recorder.losses
 
 
@@ -102,9 +94,7 @@ RESUME_CHILD = textwrap.dedent(
         (11, True),
     ],  # at an epoch boundary; mid-epoch, where only a StatefulDataLoader resumes exactly
 )
-def test_resume_with_optimizer_in_new_process_is_bit_identical(
-    tmp_path: Path, k: int, stateful: bool
-) -> None:
+def test_resume_with_optimizer_in_new_process_is_bit_identical(tmp_path: Path, k: int, stateful: bool) -> None:
     root = str(tmp_path / "ckpts")
     straight, straight_losses = train(LoRACheckpointIO(root=root, run_id="straight"), stateful=stateful)
     io = LoRACheckpointIO(root=root, run_id="resume")
@@ -136,13 +126,12 @@ class OptimizerProbe(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.step_at_start = trainer.global_step
         self.state = {
-            i: {k: v.clone() for k, v in s.items()}
-            for i, s in enumerate(trainer.optimizers[0].state.values())
+            i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(trainer.optimizers[0].state.values())
         }
 
 
 def test_weights_only_start_restores_adapter_with_fresh_optimizer(trained) -> None:
-    module, io, _ = trained
+    module, _io, _ = trained
     uri = module.save_state("t")
     restored = LoRAModule.from_checkpoint(uri)
     expected = adapter(module)
@@ -154,7 +143,7 @@ def test_weights_only_start_restores_adapter_with_fresh_optimizer(trained) -> No
 
 
 def test_from_checkpoint_with_optimizer_restores_moments(trained) -> None:
-    module, io, trainer = trained
+    module, _io, trainer = trained
     uri = module.save_state("t")
     exp_avg = [s["exp_avg"].clone() for s in trainer.optimizers[0].state.values()]
     restored = LoRAModule.from_checkpoint(uri, with_optimizer=True, learning_rate=5e-3)
@@ -168,7 +157,7 @@ def test_from_checkpoint_with_optimizer_restores_moments(trained) -> None:
 
 
 def test_sampler_checkpoint_loads_with_plain_peft(trained) -> None:
-    module, io, _ = trained
+    module, _io, _ = trained
     uri = module.save_weights_for_sampler("s")
     peft_model = PeftModel.from_pretrained(load_base_model("tiny-qwen3"), uri).eval()
     ids = token_batches(1)[0]["input_ids"]
