@@ -17,8 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job: fine-tune, resume from the last training checkpoint, list what was written.
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	rm -rf checkpoints/demo lightning_logs/demo
+	$(BIN)/lightning-lora-ckpt fit -c examples/demo.yaml
+	$(BIN)/lightning-lora-ckpt fit -c examples/demo.yaml --trainer.max_steps 130 --ckpt_path lora://demo/weights/final
+	$(BIN)/lightning-lora-ckpt list --root checkpoints demo
+	$(BIN)/python examples/loss_summary.py lightning_logs/demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -40,8 +40,7 @@ class LoRACheckpointIO(CheckpointIO):
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
     ) -> None:
-        root = uris.default_root(root)
-        self.root = root if "://" in root else os.path.abspath(root)
+        self.root = uris.default_root(root)
         self.run_id = uris.validate_name(run_id, "run id") if run_id else None
         self.async_save = async_save
         self.storage_options = dict(storage_options or {})

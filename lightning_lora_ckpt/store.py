@@ -18,7 +18,7 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = uris.default_root(root).rstrip("/")
+        self.root = uris.default_root(root)
         self.storage_options = dict(storage_options or {})
         self.fs, self._root_path = storage.url_to_fs(self.root, self.storage_options)
 

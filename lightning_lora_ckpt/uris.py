@@ -25,8 +25,12 @@ def validate_name(name: str, what: str = "name") -> str:
 
 
 def default_root(root: str | None = None) -> str:
-    """The root to resolve ``lora://`` URIs against: ``root``, else ``$LORA_CKPT_ROOT``, else ``./checkpoints``."""
-    return root or os.environ.get(ROOT_ENV) or "./checkpoints"
+    """The root to resolve ``lora://`` URIs against: ``root``, else ``$LORA_CKPT_ROOT``, else ``./checkpoints``.
+
+    Local paths are made absolute, so the URIs built from them stay valid after a ``chdir``.
+    """
+    root = (root or os.environ.get(ROOT_ENV) or "./checkpoints").rstrip("/") or "/"
+    return root if "://" in root else os.path.abspath(root)
 
 
 def parse_lora_uri(uri: str) -> tuple[str, CheckpointType, str]:
