@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = args.handler(CheckpointStore(args.root), args, console)
     except (KeyError, ValueError, OSError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
