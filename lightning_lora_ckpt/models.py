@@ -58,6 +58,7 @@ BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
 _RUNTIME_CONFIG_KEYS = frozenset(
     {
         "_name_or_path",
+        "architectures",
         "transformers_version",
         "dtype",
         "torch_dtype",

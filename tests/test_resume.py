@@ -177,3 +177,16 @@ def test_another_base_or_lora_config_is_refused(trained) -> None:
     wider = LoRAModule(**{**MODULE_KWARGS, "rank": 8})
     with pytest.raises(ValueError, match="LoRA r=4 but this module has r=8"):
         make_trainer(io, max_steps=5).fit(wider, batch_loader(1), ckpt_path=uri)
+
+
+def test_local_hf_directory_is_the_same_base_as_its_builtin_name(trained, tmp_path: Path) -> None:
+    module, _io, _ = trained
+    uri = module.save_weights_for_sampler("s")
+    local = tmp_path / "tiny-qwen3-local"
+    load_base_model("tiny-qwen3").save_pretrained(local)
+    module.get_tokenizer().save_pretrained(local)
+    restored = LoRAModule.from_checkpoint(uri, base_model=str(local))
+    assert restored.get_tokenizer().vocab_size == module.get_tokenizer().vocab_size
+    ids = token_batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(restored.eval()(ids), module.eval()(ids))
