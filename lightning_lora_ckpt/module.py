@@ -144,8 +144,14 @@ class LoRAModule(LightningModule):
         config.inference_mode = True
         return json.loads(json.dumps(config.to_dict(), default=sorted))
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
+        # save_embedding_layers=False: "auto" looks the base up on the Hub at every save, and the
+        # frozen embeddings are never part of a checkpoint.
+        return get_peft_model_state_dict(self.model, save_embedding_layers=False)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = get_peft_model_state_dict(self.model)
+        checkpoint["state_dict"] = self.adapter_state_dict()
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model_ref),
@@ -174,7 +180,7 @@ class LoRAModule(LightningModule):
             a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
             if a != b:
                 raise ValueError(f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}")
-        expected = get_peft_model_state_dict(self.model)
+        expected = self.adapter_state_dict()
         missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             raise ValueError(

@@ -13,7 +13,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import MODULE_KWARGS, batch_loader, make_trainer, token_batches
-from peft import PeftModel, get_peft_model_state_dict
+from peft import PeftModel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
@@ -69,7 +69,7 @@ def train(
 
 
 def adapter(module: LoRAModule) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in get_peft_model_state_dict(module.model).items()}
+    return {k: v.clone() for k, v in module.adapter_state_dict().items()}
 
 
 RESUME_CHILD = textwrap.dedent(
