@@ -12,11 +12,13 @@ import os
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import urlencode
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .manifest import MANIFEST, MAX_MANIFEST_BYTES, CheckpointFormatError, FileEntry, Manifest, sha256_hex
+from .ttl import TTL_TAG, lifecycle_tag
 from .uris import join
 
 
@@ -27,6 +29,23 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "s3" in protocols
+
+
+def _ttl_tags(manifest: Manifest) -> dict[str, str]:
+    return {TTL_TAG: lifecycle_tag(manifest.created_at, manifest.expires_at, manifest.public)}
+
+
+def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes, manifest: Manifest) -> None:
+    """Upload one object of a checkpoint; on S3 it carries the TTL tag from the start (no extra request)."""
+    if _is_s3(fs):
+        fs.pipe_file(path, data, Tagging=urlencode(_ttl_tags(manifest)))
+    else:
+        fs.pipe_file(path, data)
 
 
 def commit_checkpoint(
@@ -50,8 +69,38 @@ def commit_checkpoint(
         if fs.exists(path):
             fs.rm(path, recursive=True)
         for name, data in payload.items():  # dict order: the manifest goes last
-            fs.pipe_file(join(path, name), data)
+            _upload(fs, join(path, name), data, manifest)
     return manifest
+
+
+def write_manifest(uri: str, manifest: Manifest, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Replace the manifest of a committed checkpoint (its mutable metadata) in one atomic step.
+
+    On S3 every object of the checkpoint is re-tagged first, so a lifecycle rule never sees a tag
+    shorter than the new expiry.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    data = manifest.to_json()
+    if is_local(fs):
+        tmp = join(path, f".{MANIFEST}.tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, join(path, MANIFEST))
+        return
+    if _is_s3(fs):
+        for name in manifest.files:
+            fs.put_tags(join(path, name), _ttl_tags(manifest), mode="o")
+    _upload(fs, join(path, MANIFEST), data, manifest)
+
+
+def object_tags(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, dict[str, str]]:
+    """The S3 tags of every object of a checkpoint, by file name (empty on other filesystems)."""
+    fs, path = url_to_fs(uri, storage_options)
+    if not _is_s3(fs):
+        return {}
+    return {p.rsplit("/", 1)[-1]: fs.get_tags(p) for p in fs.ls(path, detail=False)}
 
 
 def _commit_local(path: str, payload: Mapping[str, bytes]) -> None:
@@ -113,13 +162,18 @@ def read_files(
             data = fs.cat_file(join(path, name))
         except FileNotFoundError as err:
             raise CheckpointFormatError(f"Checkpoint {uri} is damaged: {name} is missing") from err
-        if len(data) != expected.size or sha256_hex(data) != expected.sha256:
-            raise CheckpointFormatError(
-                f"Checkpoint {uri} is damaged: {name} has {len(data)} bytes and sha256 {sha256_hex(data)[:12]}, "
-                f"the manifest says {expected.size} bytes and {expected.sha256[:12]}"
-            )
+        check_file(uri, name, expected, len(data), sha256_hex(data))
         out[name] = data
     return out
+
+
+def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str) -> None:
+    """Raise ``CheckpointFormatError`` if a file's size or sha256 differs from its manifest entry."""
+    if size != expected.size or sha256 != expected.sha256:
+        raise CheckpointFormatError(
+            f"Checkpoint {uri} is damaged: {name} has {size} bytes and sha256 {sha256[:12]}, "
+            f"the manifest says {expected.size} bytes and {expected.sha256[:12]}"
+        )
 
 
 def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:

@@ -1,20 +1,65 @@
-"""``CheckpointStore``: listing and inspecting the runs and checkpoints under a root URI."""
+"""``CheckpointStore``: listing, metadata, TTL, publishing, garbage collection, download and verification."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import storage, uris
-from .manifest import MANIFEST, CheckpointFormatError, Manifest
+from .manifest import MANIFEST, CheckpointFormatError, FileEntry, Manifest, utcnow
 from .records import RUN_FILE, Checkpoint, TrainingRun
+from .ttl import parse_duration
 from .uris import KIND_DIRS, CheckpointType
+
+#: Called with (file name, bytes done, bytes total) while downloading.
+Progress = Callable[[str, int, int], None]
+
+
+class CheckpointConflictError(RuntimeError):
+    """The request conflicts with the checkpoint's current state (e.g. publishing a public checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """Where a page of :meth:`CheckpointStore.list_user_checkpoints` sits in the whole listing."""
+
+    offset: int
+    limit: int
+    total_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPage:
+    checkpoints: list[Checkpoint]
+    cursor: Cursor
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`CheckpointStore.verify`: ``problems`` is empty when every file matches the manifest."""
+
+    path: str
+    files: dict[str, int]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 class CheckpointStore:
     """Management of the checkpoints under ``root`` (any fsspec URI; ``$LORA_CKPT_ROOT`` if None).
 
     Only committed checkpoints (those with a ``checkpoint.json``) are ever listed; listing reads the
-    small manifests, never weight files.
+    small manifests (concurrently on object stores), never weight files. Methods taking a ``uri``
+    accept any fsspec URI of a checkpoint directory or ``lora://run/kind/name``.
     """
 
     def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
@@ -22,23 +67,26 @@ class CheckpointStore:
         self.storage_options = dict(storage_options or {})
         self.fs, self._root_path = storage.url_to_fs(self.root, self.storage_options)
 
+    # -- listing ----------------------------------------------------------------------------------
     def _uri(self, *parts: str) -> str:
         return uris.join(self.root, *parts)
 
-    def list_runs(self) -> list[TrainingRun]:
-        """Every run under the root, oldest first."""
-        if not self.fs.exists(self._root_path):
-            return []
-        ids = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._root_path, detail=False)]
-        runs = [self.get_run(run_id) for run_id in sorted(ids) if self._is_run(run_id)]
-        return sorted(runs, key=lambda r: r.created_at)
-
-    def _is_run(self, run_id: str) -> bool:
+    def _names(self, *parts: str) -> list[str]:
+        """Fresh listing of the entry names in a folder under the root ([] if there is none)."""
         try:
-            uris.validate_name(run_id)
-        except ValueError:
-            return False
-        return self.fs.exists(uris.join(self._root_path, run_id, RUN_FILE))
+            paths = self.fs.ls(uris.join(self._root_path, *parts), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
+
+    def list_runs(self) -> list[TrainingRun]:
+        """Every run under the root (a folder with a ``run.json``), oldest first."""
+        runs = []
+        for run_id in self._names():
+            if run_id.startswith(".") or RUN_FILE not in self._names(run_id):
+                continue
+            runs.append(self.get_run(run_id))
+        return sorted(runs, key=lambda r: r.created_at)
 
     def get_run(self, run_id: str) -> TrainingRun:
         """The run's metadata, with its newest training and sampler checkpoints."""
@@ -50,47 +98,211 @@ class CheckpointStore:
             raise KeyError(f"No run {run_id!r} under {self.root} ({source} does not exist)") from None
         run = TrainingRun.from_json(raw, source)
         checkpoints = self.list_checkpoints(run_id)
-        newest = {
-            t: max((c for c in checkpoints if c.checkpoint_type == t), key=_order, default=None)
-            for t in KIND_DIRS.values()
-        }
-        return TrainingRun(
-            **{
-                **run.__dict__,
-                "last_checkpoint": newest["training"],
-                "last_sampler_checkpoint": newest["sampler"],
-            }
+        return dataclasses.replace(
+            run,
+            last_checkpoint=_newest(checkpoints, "training"),
+            last_sampler_checkpoint=_newest(checkpoints, "sampler"),
         )
 
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
         """Committed checkpoints of a run, oldest first (by step, then time)."""
         uris.validate_name(run_id, "run id")
-        manifest_paths = []
-        for kind_dir in KIND_DIRS:
-            folder = uris.join(self._root_path, run_id, kind_dir)
-            if self.fs.exists(folder):
-                names = (p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(folder, detail=False))
-                manifest_paths += [uris.join(folder, n, MANIFEST) for n in names if not n.startswith(".")]
+        manifest_paths = [
+            uris.join(self._root_path, run_id, kind_dir, name, MANIFEST)
+            for kind_dir in KIND_DIRS
+            for name in self._names(run_id, kind_dir)
+            if not name.startswith(".")
+        ]
         raws = self.fs.cat(manifest_paths, on_error="omit") if manifest_paths else {}
         checkpoints = []
         for path, raw in raws.items():
-            uri = self._uri(run_id, *path.rsplit("/", 3)[-3:-1])
+            kind_dir, name = path.rsplit("/", 3)[-3:-1]
             try:
-                checkpoints.append(Checkpoint.from_manifest(Manifest.from_json(raw, path), uri))
+                checkpoints.append(
+                    Checkpoint.from_manifest(Manifest.from_json(raw, path), self._uri(run_id, kind_dir, name))
+                )
             except CheckpointFormatError:
-                continue  # a damaged manifest is never offered for resume
+                continue  # a damaged manifest is reported by verify(), never offered for resume
         return sorted(checkpoints, key=_order)
 
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> CheckpointPage:
+        """Checkpoints of every run, newest first, one page at a time."""
+        if limit < 1 or offset < 0:
+            raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, offset={offset}")
+        everything = [
+            c for run_id in self._names() if not run_id.startswith(".") for c in self._run_checkpoints(run_id)
+        ]
+        everything.sort(key=lambda c: c.time, reverse=True)
+        return CheckpointPage(everything[offset : offset + limit], Cursor(offset, limit, len(everything)))
+
+    def _run_checkpoints(self, run_id: str) -> list[Checkpoint]:
+        try:
+            return self.list_checkpoints(run_id)
+        except ValueError:  # a folder that is not a run
+            return []
+
     def get(self, uri: str) -> Checkpoint:
-        """The checkpoint at a URI (``lora://`` resolves against this store's root)."""
-        uri = uris.resolve(uri, self.root)
+        """The checkpoint at a URI."""
+        uri = self.resolve(uri)
         return Checkpoint.from_manifest(storage.read_manifest(uri, self.storage_options), uri)
+
+    def resolve(self, uri: str) -> str:
+        """The full URI of a checkpoint given as a URI, a local path, or ``lora://run/kind/name``."""
+        return uris.resolve(uri, self.root)
 
     def last_checkpoint(self, run_id: str, checkpoint_type: CheckpointType = "training") -> Checkpoint | None:
         """The newest committed checkpoint of that type in the run, or None."""
-        candidates = [c for c in self.list_checkpoints(run_id) if c.checkpoint_type == checkpoint_type]
-        return candidates[-1] if candidates else None
+        return _newest(self.list_checkpoints(run_id), checkpoint_type)
+
+    # -- mutable metadata -------------------------------------------------------------------------
+    def _update(self, uri: str, change: Callable[[Manifest], Manifest]) -> Checkpoint:
+        uri = self.resolve(uri)
+        manifest = change(storage.read_manifest(uri, self.storage_options))
+        storage.write_manifest(uri, manifest, self.storage_options)
+        return Checkpoint.from_manifest(manifest, uri)
+
+    def set_ttl(self, uri: str, ttl_seconds: float | str | None) -> Checkpoint:
+        """Expire the checkpoint ``ttl_seconds`` from now (``"7d"`` etc. accepted); None removes the TTL.
+
+        Only the manifest changes; the checksummed files are not touched.
+        """
+        seconds = parse_duration(ttl_seconds)
+        expires = utcnow() + timedelta(seconds=seconds) if seconds is not None else None
+        return self._update(uri, lambda m: dataclasses.replace(m, expires_at=expires))
+
+    def publish(self, uri: str) -> Checkpoint:
+        """Mark the checkpoint public (``gc`` and bucket lifecycle rules never delete it)."""
+        return self._update(uri, lambda m: _set_public(m, True, uri))
+
+    def unpublish(self, uri: str) -> Checkpoint:
+        return self._update(uri, lambda m: _set_public(m, False, uri))
+
+    # -- deletion ---------------------------------------------------------------------------------
+    def delete(self, uri: str) -> Checkpoint:
+        """Delete a committed checkpoint (its manifest first, so it is never seen half-deleted)."""
+        checkpoint = self.get(uri)
+        storage.delete_checkpoint(checkpoint.path, self.storage_options)
+        return checkpoint
+
+    def gc(self, dry_run: bool = False, now: datetime | None = None) -> list[Checkpoint]:
+        """Delete expired checkpoints and return them (``dry_run``: only return them).
+
+        Never deleted: a run's newest training checkpoint, a public checkpoint, or anything without a
+        manifest (a save still being written).
+        """
+        now = now or utcnow()
+        doomed = []
+        for run_id in self._names():
+            if run_id.startswith("."):
+                continue
+            checkpoints = self._run_checkpoints(run_id)
+            keep = _newest(checkpoints, "training")
+            doomed += [c for c in checkpoints if c.expires_at and c.expires_at <= now and not c.public and c != keep]
+        if not dry_run:
+            for checkpoint in doomed:
+                storage.delete_checkpoint(checkpoint.path, self.storage_options)
+        return doomed
+
+    # -- integrity and export ---------------------------------------------------------------------
+    def verify(self, uri: str) -> VerifyReport:
+        """Check every file of a checkpoint against the manifest's size and sha256."""
+        uri = self.resolve(uri)
+        manifest = storage.read_manifest(uri, self.storage_options)
+        problems = []
+        for name in manifest.files:
+            try:
+                storage.read_files(uri, manifest, [name], self.storage_options)
+            except CheckpointFormatError as err:
+                problems.append(str(err))
+        return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)
+
+    def download(self, uri: str, output_dir: str | os.PathLike[str], progress: Progress | None = None) -> str:
+        """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
+
+        Files are written into a temporary sibling that is renamed into place once all are verified.
+        """
+        uri = self.resolve(uri)
+        manifest = storage.read_manifest(uri, self.storage_options)
+        target = os.path.abspath(output_dir)
+        if os.path.exists(target) and os.listdir(target):
+            raise FileExistsError(f"{target} exists and is not empty; choose an empty or new output directory")
+        parent = os.path.dirname(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.download-", dir=parent)
+        try:
+            fs, path = storage.url_to_fs(uri, self.storage_options)
+            for name, entry in {**manifest.files, MANIFEST: None}.items():
+                _copy_verified(fs, uris.join(path, name), os.path.join(staging, name), entry, uri, progress)
+            if os.path.exists(target):
+                os.rmdir(target)
+            os.rename(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+    def archive(self, uri: str, tar_path: str, progress: Progress | None = None) -> str:
+        """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI)."""
+        uri = self.resolve(uri)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.download(uri, os.path.join(tmp, "checkpoint"), progress)
+            fs, path = storage.url_to_fs(tar_path, self.storage_options)
+            with (
+                fs.open(path, "wb") as f,
+                tarfile.open(fileobj=f, mode="w:gz" if tar_path.endswith("gz") else "w") as tar,
+            ):
+                for name in sorted(os.listdir(local)):
+                    tar.add(os.path.join(local, name), arcname=name, recursive=False)
+        return tar_path
 
 
-def _order(c: Checkpoint) -> tuple[int, Any]:
+def extract_archive(
+    tar_path: str, output_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> str:
+    """Safely extract a checkpoint archive: only regular files directly inside ``output_dir``.
+
+    Refuses symlinks, hard links, devices, absolute paths and ``..`` escapes before writing anything.
+    """
+    target = os.path.abspath(output_dir)
+    fs, path = storage.url_to_fs(tar_path, storage_options)
+    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
+        members = tar.getmembers()
+        for member in members:
+            resolved = os.path.abspath(os.path.join(target, member.name))
+            if not member.isfile():
+                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} is not a regular file")
+            if os.path.isabs(member.name) or os.path.dirname(resolved) != target:
+                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} would land outside {target}")
+        os.makedirs(target, exist_ok=True)
+        tar.extractall(target, members=members, filter="data")
+    return target
+
+
+def _copy_verified(fs: Any, src: str, dst: str, entry: FileEntry | None, uri: str, progress: Progress | None) -> None:
+    """Stream ``src`` to the local ``dst`` in 8 MiB chunks, checking it against ``entry`` if given."""
+    name = os.path.basename(dst)
+    total = entry.size if entry else fs.size(src)
+    hasher, done = hashlib.sha256(), 0
+    with fs.open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(8 << 20):
+            hasher.update(chunk)
+            fout.write(chunk)
+            done += len(chunk)
+            if progress:
+                progress(name, done, total)
+    if entry:
+        storage.check_file(uri, name, entry, done, hasher.hexdigest())
+
+
+def _set_public(manifest: Manifest, public: bool, uri: str) -> Manifest:
+    if manifest.public == public:
+        raise CheckpointConflictError(f"Checkpoint {uri} is already {'public' if public else 'private'}")
+    return dataclasses.replace(manifest, public=public)
+
+
+def _order(c: Checkpoint) -> tuple[int, datetime]:
     return (c.step, c.time)
+
+
+def _newest(checkpoints: list[Checkpoint], checkpoint_type: CheckpointType) -> Checkpoint | None:
+    return max((c for c in checkpoints if c.checkpoint_type == checkpoint_type), key=_order, default=None)

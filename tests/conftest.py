@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
@@ -61,3 +63,63 @@ def trained(tmp_path: Any) -> tuple[LoRAModule, LoRACheckpointIO, L.Trainer]:
     trainer = make_trainer(io, max_steps=4)
     trainer.fit(module, batch_loader())
     return module, io, trainer
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """A real S3-protocol HTTP server (moto) on loopback; yields the s3fs storage_options that reach it."""
+    boto3 = pytest.importorskip("boto3")
+    server_module = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    client.create_bucket(Bucket="ckpts")
+    yield {"storage_options": options, "client": client, "bucket": "ckpts"}
+    server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path: Any) -> tuple[str, dict[str, Any]]:
+    """(root URI, storage_options) of a fresh checkpoint root on each kind of storage."""
+    if request.param == "local":
+        return str(tmp_path / "root"), {}
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}", {}
+    server = request.getfixturevalue("s3_server")
+    return f"s3://{server['bucket']}/{uuid.uuid4().hex}", server["storage_options"]
+
+
+def fake_checkpoint(step: int, training: bool = True, base: str = "tiny-qwen3") -> dict[str, Any]:
+    """A small checkpoint dict of the shape LoRAModule produces, without building a model."""
+    weight = torch.full((4, 8), float(step))
+    checkpoint: dict[str, Any] = {
+        "state_dict": {
+            "base_model.model.layer.lora_A.weight": weight,
+            "base_model.model.layer.lora_B.weight": weight.T,
+        },
+        "lora_ckpt": {
+            "adapter_config": {"r": 4, "peft_type": "LORA"},
+            "base_model": {"name_or_path": base, "fingerprint": "f" * 64},
+        },
+        "global_step": step,
+        "epoch": 0,
+    }
+    if training:
+        checkpoint["optimizer_states"] = [
+            {"state": {0: {"exp_avg": weight * 2}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
+        ]
+    return checkpoint
