@@ -1,19 +1,34 @@
-"""Hosted-service style LoRA checkpoint lifecycle for PyTorch Lightning."""
+"""Hosted-service style LoRA checkpoint lifecycle for PyTorch Lightning.
+
+Public names are imported on first use, so checkpoint management (``CheckpointStore``, the
+``lightning-lora-ckpt`` management commands) starts without importing torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .callbacks import PeriodicCheckpoint
-from .data import JSONLDataModule
-from .io import LoRACheckpointIO
-from .manifest import CheckpointFormatError
-from .models import load_base_model, load_tokenizer
-from .module import LoRAModule
-from .records import Checkpoint, TrainingRun
-from .state_codec import StateEncodingError
-from .store import CheckpointStore
-
+_EXPORTS = {
+    "Checkpoint": "records",
+    "CheckpointConflictError": "store",
+    "CheckpointFormatError": "manifest",
+    "CheckpointStore": "store",
+    "JSONLDataModule": "data",
+    "LoRACheckpointIO": "io",
+    "LoRAModule": "module",
+    "PeriodicCheckpoint": "callbacks",
+    "StateEncodingError": "state_codec",
+    "TrainingRun": "records",
+    "extract_archive": "store",
+    "load_base_model": "models",
+    "load_tokenizer": "models",
+}
 __all__ = [
     "Checkpoint",
+    "CheckpointConflictError",
     "CheckpointFormatError",
     "CheckpointStore",
     "JSONLDataModule",
@@ -23,6 +38,26 @@ __all__ = [
     "StateEncodingError",
     "TrainingRun",
     "__version__",
+    "extract_archive",
     "load_base_model",
     "load_tokenizer",
 ]
+
+if TYPE_CHECKING:
+    from .callbacks import PeriodicCheckpoint
+    from .data import JSONLDataModule
+    from .io import LoRACheckpointIO
+    from .manifest import CheckpointFormatError
+    from .models import load_base_model, load_tokenizer
+    from .module import LoRAModule
+    from .records import Checkpoint, TrainingRun
+    from .state_codec import StateEncodingError
+    from .store import CheckpointConflictError, CheckpointStore, extract_archive
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value

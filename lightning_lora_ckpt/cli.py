@@ -5,17 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.prompt import Confirm
 from rich.table import Table
 
-from .data import JSONLDataModule
-from .module import LoRAModule
+from .manifest import iso_time
 from .records import Checkpoint
-from .store import CheckpointStore
+from .store import CheckpointStore, extract_archive
 from .uris import ROOT_ENV
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
@@ -23,6 +24,12 @@ TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
 def run_lightning_cli(args: Sequence[str] | None) -> None:
     """``fit``/``validate``/``test``/``predict`` configured by YAML; model, data, plugins and callbacks by class_path."""
+    # Imported here: the management commands must start without torch and Lightning.
+    from lightning.pytorch.cli import LightningCLI
+
+    from .data import JSONLDataModule
+    from .module import LoRAModule
+
     LightningCLI(
         LoRAModule,
         JSONLDataModule,
@@ -34,11 +41,11 @@ def run_lightning_cli(args: Sequence[str] | None) -> None:
 
 
 def _human_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    raise AssertionError("unreachable")
+    return f"{n} B"
 
 
 def _checkpoint_table(title: str, checkpoints: list[Checkpoint]) -> Table:
@@ -60,29 +67,174 @@ def _checkpoint_table(title: str, checkpoints: list[Checkpoint]) -> Table:
     return table
 
 
+@contextmanager
+def _progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, int, int], None] | None]:
+    """A rich progress bar per file, fed by the store's (name, done, total) callback."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(name: str, done: int, total: int) -> None:
+            if name not in tasks:
+                tasks[name] = progress.add_task(name, total=total)
+            progress.update(tasks[name], completed=done)
+
+        yield update
+
+
+def _confirm(args: argparse.Namespace, question: str) -> None:
+    if not args.yes and not Confirm.ask(question, default=False):
+        raise RuntimeError("aborted (pass -y to skip this question)")
+
+
+# -- commands: each returns what --json prints -------------------------------------------------------
 def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    run_ids = [store.get_run(args.run_id).run_id] if args.run_id else [r.run_id for r in store.list_runs()]
-    checkpoints = {run_id: store.list_checkpoints(run_id) for run_id in run_ids}
+    if args.run_id:
+        store.get_run(args.run_id)  # an unknown run is an error, not an empty table
+        checkpoints = store.list_checkpoints(args.run_id)
+        title, cursor = f"run {args.run_id}", None
+    else:
+        page = store.list_user_checkpoints(limit=args.limit, offset=args.offset)
+        checkpoints, cursor = page.checkpoints, page.cursor
+        title = f"{store.root}: {cursor.offset + 1}-{cursor.offset + len(checkpoints)} of {cursor.total_count}, newest first"
     if args.json:
-        return {run_id: [c.to_dict() for c in cs] for run_id, cs in checkpoints.items()}
-    for run_id, cs in checkpoints.items():
-        console.print(_checkpoint_table(f"run {run_id}", cs))
+        out: dict[str, Any] = {"checkpoints": [c.to_dict() for c in checkpoints]}
+        if cursor:
+            out["cursor"] = {"offset": cursor.offset, "limit": cursor.limit, "total_count": cursor.total_count}
+        return out
+    console.print(_checkpoint_table(title, checkpoints))
     return None
+
+
+def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    checkpoint, manifest = store.get(args.uri), store.manifest(args.uri)
+    info = {
+        **checkpoint.to_dict(),
+        "epoch": manifest.epoch,
+        "base_model_fingerprint": manifest.base_model.fingerprint,
+        "content_sha256": manifest.content_sha256,
+        "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in manifest.files.items()},
+        "versions": manifest.versions,
+    }
+    if args.json:
+        return info
+    table = Table(show_header=False, title=checkpoint.path)
+    for key, value in info.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+    return None
+
+
+def cmd_set_ttl(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    if args.remove == (args.ttl is not None):
+        raise ValueError("pass exactly one of --ttl DURATION (e.g. 7d) or --remove")
+    c = store.set_ttl(args.uri, None if args.remove else args.ttl)
+    return _say(args, console, c, f"{c.path}: expires {iso_time(c.expires_at) if c.expires_at else 'never'}")
+
+
+def cmd_publish(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    c = store.publish(args.uri) if args.command == "publish" else store.unpublish(args.uri)
+    return _say(args, console, c, f"{c.path}: {'public' if c.public else 'private'}")
+
+
+def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    checkpoints = [store.get(uri) for uri in args.uris]
+    _confirm(args, f"Delete {len(checkpoints)} checkpoint(s): {', '.join(c.path for c in checkpoints)}?")
+    for c in checkpoints:
+        store.delete(c.path)
+        if not args.json:
+            console.print(f"deleted {c.path}")
+    return [c.to_dict() for c in checkpoints]
+
+
+def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    planned = store.gc(dry_run=True)
+    if planned and not args.dry_run:
+        _confirm(args, f"Delete {len(planned)} expired checkpoint(s)?")
+        planned = store.gc()
+    if not args.json:
+        verb = "would delete" if args.dry_run else "deleted"
+        console.print(_checkpoint_table(f"gc {verb} {len(planned)} checkpoint(s)", planned))
+    return {"dry_run": args.dry_run, "deleted": [c.to_dict() for c in planned]}
+
+
+def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    with _progress_bar(console, not args.json) as progress:
+        path = store.download(args.uri, args.output_dir, progress=progress)
+    return _say(args, console, None, f"downloaded {store.resolve(args.uri)} to {path}", path=path)
+
+
+def cmd_archive(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    with _progress_bar(console, not args.json) as progress:
+        path = store.archive(args.uri, args.tar_path, progress=progress)
+    return _say(args, console, None, f"archived {store.resolve(args.uri)} to {path}", path=path)
+
+
+def cmd_extract(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    path = extract_archive(args.tar_path, args.output_dir, store.storage_options)
+    return _say(args, console, None, f"extracted {args.tar_path} to {path}", path=path)
+
+
+def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    report = store.verify(args.uri)
+    if not args.json:
+        console.print(f"{'ok' if report.ok else 'DAMAGED'}: {report.path} ({len(report.files)} files)")
+        for problem in report.problems:
+            console.print(f"  {problem}")
+    if not report.ok:
+        args.exit_code = 2
+    return {"path": report.path, "ok": report.ok, "files": report.files, "problems": report.problems}
+
+
+def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:
+    if not args.json:
+        console.print(message, highlight=False)
+    return {**(checkpoint.to_dict() if checkpoint else {}), **extra, "message": message}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-lora-ckpt",
-        description=f"LoRA checkpoint lifecycle for Lightning. Training: {', '.join(TRAINING_COMMANDS)} "
-        "(LightningCLI, e.g. 'fit -c examples/demo.yaml').",
+        description="LoRA checkpoint lifecycle for Lightning. Training: "
+        f"{', '.join(TRAINING_COMMANDS)} (LightningCLI, e.g. 'fit -c examples/demo.yaml'). "
+        "Checkpoints are given as URIs, local paths or lora://RUN/{weights|sampler_weights}/NAME.",
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--root", default=None, help=f"checkpoint root URI (default: ${ROOT_ENV} or ./checkpoints)")
+    common.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
     common.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("list", parents=[common], help="list runs and their committed checkpoints")
-    p.add_argument("run_id", nargs="?", help="only this run")
-    p.set_defaults(handler=cmd_list)
+
+    def add(name: str, handler: Any, help: str, *positional: str) -> argparse.ArgumentParser:
+        p = commands.add_parser(name, parents=[common], help=help, description=help)
+        for arg in positional:
+            p.add_argument(arg)
+        p.set_defaults(handler=handler)
+        return p
+
+    p = add("list", cmd_list, "list checkpoints: of one run (oldest first), or of every run (newest first, paged)")
+    p.add_argument("run_id", nargs="?")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--offset", type=int, default=0)
+    add("info", cmd_info, "show a checkpoint's metadata and files", "uri")
+    p = add("set-ttl", cmd_set_ttl, "set (--ttl 7d) or remove (--remove) a checkpoint's expiry", "uri")
+    p.add_argument("--ttl", help="seconds, or a number with s/m/h/d/w: 30m, 2h, 7d")
+    p.add_argument("--remove", action="store_true")
+    add("publish", cmd_publish, "mark a checkpoint public (never garbage-collected)", "uri")
+    add("unpublish", cmd_publish, "mark a checkpoint private again", "uri")
+    p = add("delete", cmd_delete, "delete checkpoints")
+    p.add_argument("uris", nargs="+")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p = add("gc", cmd_gc, "delete expired checkpoints (never a run's newest training checkpoint or a public one)")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    add("download", cmd_download, "copy a checkpoint into a local directory, verifying every file", "uri", "output_dir")
+    add("archive", cmd_archive, "write a checkpoint as a .tar or .tar.gz (any URI)", "uri", "tar_path")
+    add("extract", cmd_extract, "safely extract a checkpoint archive", "tar_path", "output_dir")
+    add("verify", cmd_verify, "check every file against the manifest's size and sha256 (exit 2 if damaged)", "uri")
     return parser
 
 
@@ -92,18 +244,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_lightning_cli(argv)
         return 0
     args = build_parser().parse_args(words)
+    args.exit_code = 0
     console = Console()
-    if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
+    if not console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
         console = Console(width=200)
     try:
-        result = args.handler(CheckpointStore(args.root), args, console)
-    except (KeyError, ValueError, OSError) as err:
+        result = args.handler(CheckpointStore(args.root, args.storage_options), args, console)
+    except (KeyError, ValueError, OSError, RuntimeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"error: {message}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))
-    return 0
+    return args.exit_code
 
 
 if __name__ == "__main__":

@@ -144,7 +144,11 @@ class CheckpointStore:
     def get(self, uri: str) -> Checkpoint:
         """The checkpoint at a URI."""
         uri = self.resolve(uri)
-        return Checkpoint.from_manifest(storage.read_manifest(uri, self.storage_options), uri)
+        return Checkpoint.from_manifest(self.manifest(uri), uri)
+
+    def manifest(self, uri: str) -> Manifest:
+        """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions)."""
+        return storage.read_manifest(self.resolve(uri), self.storage_options)
 
     def resolve(self, uri: str) -> str:
         """The full URI of a checkpoint given as a URI, a local path, or ``lora://run/kind/name``."""

@@ -51,9 +51,9 @@ def test_listing_and_runs(root: tuple[str, dict[str, Any]]) -> None:
     assert [c.checkpoint_id for c in page.checkpoints] == ["weights/t2", "sampler_weights/s1"]
     assert (page.cursor.offset, page.cursor.limit, page.cursor.total_count) == (1, 2, 4)
     assert store.last_checkpoint("r2") is None and store.last_checkpoint("r2", "sampler").step == 5
-    with pytest.raises(KeyError, match="No run 'nope'"):
+    with pytest.raises(KeyError, match=r"No run 'nope'"):
         store.get_run("nope")
-    with pytest.raises(CheckpointFormatError, match="checkpoint.json is missing"):
+    with pytest.raises(CheckpointFormatError, match=r"checkpoint\.json is missing"):
         store.get("lora://r1/weights/missing")
 
 
