@@ -1,0 +1,127 @@
+"""CheckpointStore on S3: listing cost with many checkpoints, and download throughput versus ``fs.get``.
+
+Runs a moto S3 server on loopback (no network, no AWS account):
+
+    python benchmarks/s3_store.py [--checkpoints 200] [--download-mib 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import boto3
+import s3fs
+import torch
+from moto.server import ThreadedMotoServer
+
+from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
+
+
+def fake_checkpoint(step: int, training: bool, numel: int = 64) -> dict[str, Any]:
+    weight = torch.randn(numel)
+    checkpoint: dict[str, Any] = {
+        "state_dict": {"base_model.model.x.lora_A.weight": weight},
+        "lora_ckpt": {"adapter_config": {"r": 16}, "base_model": {"name_or_path": "bench", "fingerprint": "0" * 64}},
+        "global_step": step,
+    }
+    if training:
+        checkpoint["optimizer_states"] = [{"state": {0: {"exp_avg": weight.clone()}}, "param_groups": []}]
+    return checkpoint
+
+
+class RequestCounter:
+    """Counts the HTTP requests an s3fs client sends (botocore's before-send event)."""
+
+    def __init__(self, fs: s3fs.S3FileSystem) -> None:
+        self.count = 0
+        fs.s3.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, **kwargs: Any) -> None:
+        self.count += 1
+
+
+def timed(fn: Any, repeats: int) -> tuple[float, Any]:
+    times, result = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoints", type=int, default=200)
+    parser.add_argument("--download-mib", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
+    ).create_bucket(Bucket="bench")
+    root = "s3://bench/root"
+    results: dict[str, Any] = {"checkpoints": args.checkpoints}
+
+    io = LoRACheckpointIO(root=root, run_id="run", async_save=False, storage_options=options)
+    start = time.perf_counter()
+    for i in range(args.checkpoints):
+        io.save_checkpoint(fake_checkpoint(i, training=i % 2 == 0), f"{i:06d}")
+    results["save_seconds_each"] = (time.perf_counter() - start) / args.checkpoints
+
+    store = CheckpointStore(root, options)
+    counter = RequestCounter(store.fs)
+    before = counter.count
+    results["list_checkpoints_seconds"], listed = timed(lambda: store.list_checkpoints("run"), args.repeats)
+    results["list_checkpoints_requests"] = (counter.count - before) // args.repeats
+    assert len(listed) == args.checkpoints
+    before = counter.count
+    results["get_seconds"], _ = timed(lambda: store.get("lora://run/weights/000000"), args.repeats)
+    results["get_requests"] = (counter.count - before) // args.repeats
+    before = counter.count
+    results["last_checkpoint_seconds"], _ = timed(lambda: store.last_checkpoint("run"), args.repeats)
+
+    numel = args.download_mib * (1 << 20) // 4 // 2  # adapter + optimizer moment, float32
+    io.save_checkpoint(fake_checkpoint(10**6, training=True, numel=numel), "big")
+    big = store.resolve("lora://run/weights/big")
+    size = store.get(big).size_bytes
+    fs = s3fs.S3FileSystem(**options)
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def ours() -> None:
+            shutil.rmtree(f"{tmp}/ours", ignore_errors=True)
+            store.download(big, f"{tmp}/ours")
+
+        def plain() -> None:
+            shutil.rmtree(f"{tmp}/plain", ignore_errors=True)
+            fs.get(big.removeprefix("s3://") + "/", f"{tmp}/plain/", recursive=True)
+
+        results["download_seconds"], _ = timed(ours, args.repeats)
+        results["fs_get_seconds"], _ = timed(plain, args.repeats)
+        assert sorted(p.name for p in Path(f"{tmp}/plain").iterdir()) == sorted(
+            p.name for p in Path(f"{tmp}/ours").iterdir()
+        )
+    results["download_bytes"] = size
+    results["download_mib_per_s"] = size / results["download_seconds"] / (1 << 20)
+    results["fs_get_mib_per_s"] = size / results["fs_get_seconds"] / (1 << 20)
+    results["download_vs_fs_get_time_ratio"] = results["download_seconds"] / results["fs_get_seconds"]
+    server.stop()
+    json.dump(results, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
