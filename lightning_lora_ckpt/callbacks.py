@@ -1,15 +1,22 @@
-"""Training-time callbacks: ``PeriodicCheckpoint``."""
+"""Training-time callbacks: ``PeriodicCheckpoint`` (periodic, rolling, final) and ``CheckpointTTL``."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
 
 from .io import LoRACheckpointIO
+from .manifest import MANIFEST
+from .store import CheckpointStore
+from .ttl import parse_duration
 from .uris import CheckpointType
 
 Kind = Literal["sampler", "state", "both"]
+Cadence = Literal["periodic", "rolling", "final"]
 _TYPES: dict[str, tuple[CheckpointType, ...]] = {
     "sampler": ("sampler",),
     "state": ("training",),
@@ -17,73 +24,183 @@ _TYPES: dict[str, tuple[CheckpointType, ...]] = {
 }
 
 
-class PeriodicCheckpoint(Callback):
-    """Saves checkpoints named by zero-padded step (``000100``) every N steps, and ``final`` at the end of fit.
+def checkpoint_io(trainer: Trainer) -> LoRACheckpointIO:
+    """The trainer's ``LoRACheckpointIO``, or a clear error if it has another plugin."""
+    io = trainer.strategy.checkpoint_io
+    if not isinstance(io, LoRACheckpointIO):
+        raise RuntimeError(
+            f"This callback needs Trainer(plugins=[LoRACheckpointIO(...)]), the trainer has {type(io).__name__}"
+        )
+    return io
+
+
+class CheckpointTTL(Callback):
+    """TTLs by cadence for the checkpoints ``PeriodicCheckpoint`` saves, and sweeps of expired ones.
 
     Args:
-        every_n_train_steps: save after every N optimizer steps (None: no periodic saves).
-        kind: ``"sampler"`` (adapter only), ``"state"`` (training checkpoint) or ``"both"``.
-        keep_last: keep only the newest N periodic checkpoints of each type (older ones are deleted
-            after the newer ones are committed); None keeps all.
-        save_final: save ``final`` (of ``kind``) when fit ends.
+        periodic_ttl, rolling_ttl, final_ttl: seconds or ``"30m"``/``"2h"``/``"7d"``; None never expires.
+        sweep: run the store's ``gc()`` (rank 0) when training starts and after the last write at its end.
+    """
+
+    def __init__(
+        self,
+        periodic_ttl: str | float | None = "7d",
+        rolling_ttl: str | float | None = "2h",
+        final_ttl: str | float | None = None,
+        sweep: bool = True,
+    ) -> None:
+        self.ttl_seconds: dict[Cadence, float | None] = {
+            "periodic": parse_duration(periodic_ttl),
+            "rolling": parse_duration(rolling_ttl),
+            "final": parse_duration(final_ttl),
+        }
+        self.sweep = sweep
+
+    def _gc(self, trainer: Trainer) -> None:
+        if not (self.sweep and trainer.is_global_zero):
+            return
+        io = checkpoint_io(trainer)
+        io.wait()
+        deleted = CheckpointStore(io.root, io.storage_options).gc()
+        if deleted:
+            rank_zero_info(f"CheckpointTTL: deleted {len(deleted)} expired checkpoint(s)")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._gc(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._gc(trainer)
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """The three cadences of a training loop, written through ``LoRACheckpointIO``.
+
+    - *periodic*: every ``every_n_train_steps`` optimizer steps and/or ``every_n_seconds`` (decided on
+      rank 0 and broadcast), named by zero-padded step (``000100``); ``kind`` is ``"sampler"``,
+      ``"state"`` or ``"both"``; ``keep_last`` keeps the newest N of each type;
+    - *rolling*: a training checkpoint every ``rolling_every_n_steps`` named ``rolling-000150``; the
+      previous rolling one is deleted only after the new one has committed;
+    - *final*: ``final`` (of ``kind``) when fit ends.
+
+    TTLs come from a ``CheckpointTTL`` callback if the trainer has one. A name that already exists (a
+    step replayed after a resume) is replaced. It is a ``ModelCheckpoint`` so that
+    ``trainer.fit(model, ckpt_path="last")`` resumes from the run's newest committed training checkpoint.
     """
 
     def __init__(
         self,
         every_n_train_steps: int | None = None,
+        every_n_seconds: float | None = None,
         kind: Kind = "both",
+        rolling_every_n_steps: int | None = None,
         keep_last: int | None = None,
         save_final: bool = True,
     ) -> None:
+        super().__init__(save_top_k=0)
         if kind not in _TYPES:
             raise ValueError(f"kind must be one of {sorted(_TYPES)}, got {kind!r}")
-        for name, value in (("every_n_train_steps", every_n_train_steps), ("keep_last", keep_last)):
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        for name, value in (
+            ("every_n_train_steps", every_n_train_steps),
+            ("every_n_seconds", every_n_seconds),
+            ("rolling_every_n_steps", rolling_every_n_steps),
+            ("keep_last", keep_last),
+        ):
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive or None, got {value!r}")
         self.every_n_train_steps = every_n_train_steps
+        self.every_n_seconds = every_n_seconds
         self.kind = kind
+        self.rolling_every_n_steps = rolling_every_n_steps
         self.keep_last = keep_last
         self.save_final = save_final
-        self.saved: dict[str, list[str]] = {t: [] for t in ("training", "sampler")}
+        self.saved: dict[str, list[str]] = {"training": [], "sampler": []}
+        self.rolling: str | None = None
         self._last_step = -1
+        self._last_time = time.monotonic()
 
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_seconds=self.every_n_seconds,
+            kind=self.kind,
+            rolling_every_n_steps=self.rolling_every_n_steps,
+        )
+
+    # -- when to save -----------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if not isinstance(trainer.strategy.checkpoint_io, LoRACheckpointIO):
-            raise RuntimeError("PeriodicCheckpoint needs Trainer(plugins=[LoRACheckpointIO(...)])")
+        checkpoint_io(trainer)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._last_time = time.monotonic()
+        self._last_step = trainer.global_step  # nothing new to save at the step a resume starts from
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_train_steps and step % self.every_n_train_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self._save(trainer, f"{step:06d}")
+        if step == self._last_step:  # gradient accumulation: no optimizer step since the last batch
+            return
+        self._last_step = step
+        periodic = bool(self.every_n_train_steps and step % self.every_n_train_steps == 0)
+        if self.every_n_seconds is not None:
+            elapsed = trainer.strategy.broadcast(time.monotonic() - self._last_time >= self.every_n_seconds)
+            periodic = periodic or elapsed
+        if periodic:
+            self._last_time = time.monotonic()
+            self._save(trainer, f"{step:06d}", _TYPES[self.kind], "periodic")
             self._prune(trainer)
+        rolling_due = self.rolling_every_n_steps and step % self.rolling_every_n_steps == 0
+        if rolling_due and not (periodic and "training" in _TYPES[self.kind]):
+            previous, self.rolling = self.rolling, f"rolling-{step:06d}"
+            self._save(trainer, self.rolling, ("training",), "rolling")
+            if previous:
+                trainer.strategy.remove_checkpoint(checkpoint_io(trainer).resolve(previous, "training"))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_final:
-            io = trainer.strategy.checkpoint_io
-            for checkpoint_type in _TYPES[self.kind]:
-                trainer.strategy.remove_checkpoint(io.resolve("final", checkpoint_type))
-            self._save(trainer, "final")
+            self._save(trainer, "final", _TYPES[self.kind], "final")
 
-    def _save(self, trainer: Trainer, name: str) -> None:
-        if name != "final":  # recorded first, so the training checkpoint's own callback state lists it
-            for checkpoint_type in _TYPES[self.kind]:
+    # -- saving -----------------------------------------------------------------------------------
+    def _save(self, trainer: Trainer, name: str, types: tuple[CheckpointType, ...], cadence: Cadence) -> None:
+        if cadence == "periodic":  # recorded first, so the training checkpoint's own callback state lists it
+            for checkpoint_type in types:
                 self.saved[checkpoint_type].append(name)
-        for checkpoint_type in _TYPES[self.kind]:
-            trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler")
+        ttl = next((cb.ttl_seconds[cadence] for cb in trainer.callbacks if isinstance(cb, CheckpointTTL)), None)
+        options = {"overwrite": True, **({"ttl_seconds": ttl} if ttl else {})}
+        for checkpoint_type in types:
+            trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
 
     def _prune(self, trainer: Trainer) -> None:
         if self.keep_last is None:
             return
-        io = trainer.strategy.checkpoint_io
+        io = checkpoint_io(trainer)
         for checkpoint_type, names in self.saved.items():
             while len(names) > self.keep_last:
                 trainer.strategy.remove_checkpoint(io.resolve(names.pop(0), checkpoint_type))
 
+    # -- resume -----------------------------------------------------------------------------------
+    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
+        """Lightning's ``ckpt_path="last"`` lookup: the manifest of the run's newest training checkpoint."""
+        io = checkpoint_io(trainer)
+        if io.run_id is None:
+            return set()
+        last = CheckpointStore(io.root, io.storage_options).last_checkpoint(io.run_id, "training")
+        return {f"{last.path}/{MANIFEST}"} if last else set()
+
     def state_dict(self) -> dict[str, Any]:
-        return {"saved": {t: list(v) for t, v in self.saved.items()}}
+        return {"saved": {t: list(v) for t, v in self.saved.items()}, "rolling": self.rolling}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = {t: list(v) for t, v in state_dict["saved"].items()}
+        self.rolling = state_dict.get("rolling")
+
+    # ModelCheckpoint's own saving is not used.
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        return
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        return
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        return

@@ -30,7 +30,8 @@ class LoRACheckpointIO(CheckpointIO):
             saves commit in order, errors surface at the next save or at the end of fit.
         storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint).
 
-    ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...}}``.
+    ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
+    "overwrite": True}``; without ``overwrite`` saving over a committed checkpoint is an error.
     """
 
     def __init__(
@@ -46,6 +47,7 @@ class LoRACheckpointIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[Any]] = []
+        self._write_failed = False
 
     # -- naming -----------------------------------------------------------------------------------
     def ensure_run_id(self) -> str:
@@ -73,17 +75,25 @@ class LoRACheckpointIO(CheckpointIO):
     # -- CheckpointIO -----------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         self._raise_failed()
-        ttl_seconds, extra_metadata = _parse_save_options(storage_options)
+        ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
         payload = snapshot_checkpoint(checkpoint)
         uri = self.resolve(path, payload.checkpoint_type)
         layout = uris.split_checkpoint_uri(uri)
+        if not layout:
+            try:
+                uris.validate_name(uri.rsplit("/", 1)[-1], "checkpoint name")
+            except ValueError as err:
+                raise ValueError(
+                    f"{err}. Lightning's ModelCheckpoint file names (e.g. 'epoch=0-step=10.ckpt') do not fit; "
+                    "save with lightning_lora_ckpt.PeriodicCheckpoint instead"
+                ) from None
         if layout and layout[2] != payload.checkpoint_type:
             raise ValueError(
                 f"Cannot save a {payload.checkpoint_type} checkpoint at {uri}: that folder is for "
                 f"{layout[2]} checkpoints; save under {uris.TYPE_DIRS[payload.checkpoint_type]}/ instead"
             )
         payload.user_metadata.update(extra_metadata)
-        self._submit(lambda: self._write(payload, uri, ttl_seconds))
+        self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite))
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
@@ -96,9 +106,17 @@ class LoRACheckpointIO(CheckpointIO):
         return decode_checkpoint(manifest, files, uri)
 
     def remove_checkpoint(self, path: _PATH) -> None:
-        """Delete a whole checkpoint directory (queued behind pending writes when saving asynchronously)."""
+        """Delete a whole checkpoint directory, after every write queued before it has committed.
+
+        If any of those writes failed the deletion is skipped: the checkpoint it would replace stays.
+        """
         uri = self.resolve_existing(path)
-        self._submit(lambda: storage.delete_checkpoint(uri, self.storage_options))
+
+        def delete() -> None:
+            if not self._write_failed:
+                storage.delete_checkpoint(uri, self.storage_options)
+
+        self._submit(delete)
 
     def teardown(self) -> None:
         """Wait for every pending write; raise the first error."""
@@ -126,18 +144,23 @@ class LoRACheckpointIO(CheckpointIO):
 
     def _submit(self, job: Callable[[], Any]) -> None:
         if not self.async_save:
-            job()
+            self._run(job)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-writer")
-        self._pending.append(self._executor.submit(job))
+        self._pending.append(self._executor.submit(self._run, job))
 
-    def _write(self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None) -> Manifest:
+    def _run(self, job: Callable[[], Any]) -> Any:
+        try:
+            return job()
+        except BaseException:
+            self._write_failed = True
+            raise
+
+    def _write(self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool) -> Manifest:
         created = utcnow()
         layout = uris.split_checkpoint_uri(uri)
-        run_id, name = (
-            (layout[1], layout[3]) if layout else (self.ensure_run_id(), uris.validate_name(uri.rsplit("/", 1)[-1]))
-        )
+        run_id, name = (layout[1], layout[3]) if layout else (self.ensure_run_id(), uri.rsplit("/", 1)[-1])
         if layout:
             run = TrainingRun(
                 run_id=run_id,
@@ -166,17 +189,21 @@ class LoRACheckpointIO(CheckpointIO):
                 versions=versions(),
             )
 
-        return storage.commit_checkpoint(uri, payload.to_files(), make_manifest, self.storage_options)
+        files = payload.to_files()
+        if overwrite:
+            storage.delete_checkpoint(uri, self.storage_options)
+        return storage.commit_checkpoint(uri, files, make_manifest, self.storage_options)
 
 
-def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any]]:
+def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any], bool]:
     options = dict(options or {})
     ttl = options.pop("ttl_seconds", None)
     metadata = options.pop("user_metadata", None) or {}
+    overwrite = bool(options.pop("overwrite", False))
     if options:
         raise ValueError(
             f"Unknown storage_options {sorted(options)} for LoRACheckpointIO.save_checkpoint; "
-            "supported: 'ttl_seconds', 'user_metadata'"
+            "supported: 'ttl_seconds', 'user_metadata', 'overwrite'"
         )
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl <= 0):
         raise ValueError(f"ttl_seconds must be a positive number of seconds or None, got {ttl!r}")
@@ -186,4 +213,4 @@ def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
-    return ttl, metadata
+    return ttl, metadata, overwrite

@@ -8,9 +8,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import fsspec
 import lightning as L
 import pytest
 import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule
@@ -47,6 +50,8 @@ def make_trainer(io: LoRACheckpointIO | None = None, **kwargs: Any) -> L.Trainer
         "num_sanity_val_steps": 0,
         "deterministic": True,
     }
+    # Lightning refuses a ModelCheckpoint (PeriodicCheckpoint is one) when checkpointing is disabled.
+    defaults["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", []))
     return L.Trainer(plugins=[io] if io else None, **{**defaults, **kwargs})
 
 
@@ -123,3 +128,20 @@ def fake_checkpoint(step: int, training: bool = True, base: str = "tiny-qwen3") 
             {"state": {0: {"exp_avg": weight * 2}}, "param_groups": [{"lr": 1e-3, "params": [0]}]}
         ]
     return checkpoint
+
+
+class FailingMemoryFS(MemoryFileSystem):
+    """An object store whose uploads fail after a number of successful ones (a real fault, not a mock)."""
+
+    protocol = "failingmem"
+    root_marker = ""
+    writes_left = 1
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        if FailingMemoryFS.writes_left <= 0:
+            raise OSError(f"injected upload failure for {path}")
+        FailingMemoryFS.writes_left -= 1
+        return super().pipe_file(path, value, **kwargs)
+
+
+fsspec.register_implementation("failingmem", FailingMemoryFS, clobber=True)

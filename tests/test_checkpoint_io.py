@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer
+from conftest import MODULE_KWARGS, FailingMemoryFS, batch_loader, make_trainer
 from fsspec.implementations.memory import MemoryFileSystem
 
 from lightning_lora_ckpt import CheckpointFormatError, CheckpointStore, LoRACheckpointIO, LoRAModule
@@ -138,24 +138,7 @@ def test_memory_filesystem_roundtrip() -> None:
     assert timedelta(seconds=59) < checkpoint.expires_at - checkpoint.time <= timedelta(seconds=60)
 
 
-class FailingMemoryFS(MemoryFileSystem):
-    """An object store whose uploads fail after a number of successful ones (a real fault, not a mock)."""
-
-    protocol = "failingmem"
-    root_marker = ""
-    writes_left = 1
-
-    def pipe_file(self, path, value, mode="overwrite", **kwargs):
-        if FailingMemoryFS.writes_left <= 0:
-            raise OSError(f"injected upload failure for {path}")
-        FailingMemoryFS.writes_left -= 1
-        return super().pipe_file(path, value, **kwargs)
-
-
 def test_failed_upload_leaves_no_visible_checkpoint_and_surfaces_the_error(trained) -> None:
-    import fsspec
-
-    fsspec.register_implementation("failingmem", FailingMemoryFS, clobber=True)
     _module, _, trainer = trained
     io = LoRACheckpointIO(root="failingmem://bucket", run_id="run", async_save=True)
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
