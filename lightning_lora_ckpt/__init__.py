@@ -14,10 +14,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Checkpoint": "records",
     "CheckpointConflictError": "store",
+    "CheckpointTTL": "callbacks",
     "CheckpointFormatError": "manifest",
     "CheckpointStore": "store",
     "JSONLDataModule": "data",
     "LoRACheckpointIO": "io",
+    "LoRAModelParallelStrategy": "strategies",
     "LoRAModule": "module",
     "PeriodicCheckpoint": "callbacks",
     "StateEncodingError": "state_codec",
@@ -31,8 +33,10 @@ __all__ = [
     "CheckpointConflictError",
     "CheckpointFormatError",
     "CheckpointStore",
+    "CheckpointTTL",
     "JSONLDataModule",
     "LoRACheckpointIO",
+    "LoRAModelParallelStrategy",
     "LoRAModule",
     "PeriodicCheckpoint",
     "StateEncodingError",
@@ -44,7 +48,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .callbacks import PeriodicCheckpoint
+    from .callbacks import CheckpointTTL, PeriodicCheckpoint
     from .data import JSONLDataModule
     from .io import LoRACheckpointIO
     from .manifest import CheckpointFormatError
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from .records import Checkpoint, TrainingRun
     from .state_codec import StateEncodingError
     from .store import CheckpointConflictError, CheckpointStore, extract_archive
+    from .strategies import LoRAModelParallelStrategy
 
 
 def __getattr__(name: str) -> Any:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import transformers
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import storage, uris
@@ -115,6 +116,20 @@ class LoRAModule(LightningModule):
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def configure_model(self) -> None:
+        """Under ``LoRAModelParallelStrategy``: FSDP2-shard every decoder layer, then the whole model."""
+        mesh = self._device_mesh
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        data_parallel = mesh["data_parallel"]
+        for module in self.model.modules():
+            if type(module).__name__.endswith("DecoderLayer"):
+                fully_shard(module, mesh=data_parallel)
+        fully_shard(self.model, mesh=data_parallel)
+        self._sharded = True
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.hparams.base_model, self.hparams.revision)
 
@@ -151,7 +166,12 @@ class LoRAModule(LightningModule):
         return get_peft_model_state_dict(self.model, save_embedding_layers=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = self.adapter_state_dict()
+        # Rename what the strategy gathered (the whole module, or only trainable tensors under FSDP2) to
+        # PEFT's adapter key names; PEFT drops everything that is not the adapter.
+        gathered = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        checkpoint["state_dict"] = get_peft_model_state_dict(
+            self.model, state_dict=gathered, save_embedding_layers=False
+        )
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model_ref),
@@ -192,7 +212,15 @@ class LoRAModule(LightningModule):
                     f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, "
                     f"the module expects {tuple(expected[key].shape)}"
                 )
-        set_peft_model_state_dict(self.model, state_dict)
+        with torch.no_grad():
+            # The state_dict's tensors share storage with the parameters: copy in place. Under FSDP2
+            # each rank keeps its shard of the full tensor; the module's (not the file's) key order keeps
+            # those scatters in the same order on every rank.
+            for key, target in expected.items():
+                tensor = state_dict[key]
+                if isinstance(target, DTensor):
+                    tensor = distribute_tensor(tensor.to(target.dtype), target.device_mesh, target.placements)
+                target.copy_(tensor)
 
     # -- the hosted-service style API -------------------------------------------------------------
     def save_state(self, name: str, ttl_seconds: float | None = None) -> str:

@@ -1,0 +1,88 @@
+"""``LoRAModelParallelStrategy``: FSDP2 (``fully_shard``) training whose checkpoints go through ``LoRACheckpointIO``.
+
+Lightning's ``ModelParallelStrategy`` bypasses ``CheckpointIO``: it writes torch distributed checkpoints
+of the whole model (frozen base included) to local paths and rejects ``storage_options``. This subclass
+gathers only the trainable (adapter) parameters and their optimizer state to rank 0, hands the dict to
+the checkpoint plugin like any other strategy, and loads a full checkpoint at any world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.optim import Optimizer
+
+
+class LoRAModelParallelStrategy(ModelParallelStrategy):
+    """``ModelParallelStrategy`` (FSDP2 data parallel) for ``LoRAModule`` with ``LoRACheckpointIO`` checkpoints.
+
+    Use ``LoRAModule`` (its ``configure_model`` applies ``fully_shard`` to every decoder layer) and pass
+    ``plugins=[LoRACheckpointIO(...)]``. Arguments are those of ``ModelParallelStrategy``; checkpoints are
+    always full (unsharded) adapter checkpoints, so they resume at any world size.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["save_distributed_checkpoint"] = False
+        super().__init__(*args, **kwargs)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        """Lightning restores optimizers through ``load_optimizer_state_dict`` (its parent loads them itself)."""
+        return True
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The trainable parameters only, gathered in full to rank 0 on CPU (a collective)."""
+        assert self.model is not None
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None) -> None:
+        # Strategy's implementation: rank 0 hands the gathered dict to the CheckpointIO plugin.
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        return self.checkpoint_io.load_checkpoint(checkpoint_path)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The full optimizer state on rank 0, keyed by parameter index as a plain ``optimizer.state_dict()``.
+
+        (Lightning's own re-keying numbers all module parameters, frozen ones included, so its indices
+        would not match a checkpoint written by any other strategy.)
+        """
+        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
+        if not self.is_global_zero:
+            return {}
+        index = {name: i for i, name in enumerate(self._param_names(optimizer))}
+        return {
+            "state": {index[name]: value for name, value in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]],
+        }
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Scatter full optimizer states (keyed by parameter index, as every strategy saves them) to the shards."""
+        options = StateDictOptions(full_state_dict=True)
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
+            names = self._param_names(optimizer)
+            by_name = {
+                "state": {names[i]: value for i, value in state["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+            }
+            set_optimizer_state_dict(self.model, optimizer, optim_state_dict=by_name, options=options)
+
+    def _param_names(self, optimizer: Optimizer) -> list[str]:
+        """Fully qualified names of the optimizer's parameters, in the optimizer's order."""
+        assert self.model is not None
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]

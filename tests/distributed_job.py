@@ -1,0 +1,69 @@
+"""One training job of the multi-process tests: `python distributed_job.py STRATEGY DEVICES ROOT RUN STEPS [CKPT]`.
+
+STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with gloo). Each step sees the
+same 4 examples whatever the world size (4 per process alone, 2 per process with two), so every
+strategy computes the same updates. Saves training checkpoint `step<N>` at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from lightning_lora_ckpt import LoRACheckpointIO, LoRAModelParallelStrategy, LoRAModule
+
+
+def examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (n, 17), generator=g)
+    return [{"input_ids": i[:-1], "target_tokens": i[1:], "weights": torch.ones(16)} for i in ids]
+
+
+class Examples(L.LightningDataModule):
+    """Rank r of w takes examples r, r+w, ... in order (Lightning's own sampler would shuffle)."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = examples()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(data, batch_size=4 // world, sampler=sampler)
+
+
+def main() -> None:
+    strategy_name, devices, root, run_id, steps = (
+        sys.argv[1],
+        int(sys.argv[2]),
+        sys.argv[3],
+        sys.argv[4],
+        int(sys.argv[5]),
+    )
+    ckpt_path = sys.argv[6] if len(sys.argv) > 6 else None
+    strategy: object = {
+        "single": "auto",
+        "ddp": "ddp",
+        "fsdp2": LoRAModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+    }[strategy_name]
+    L.seed_everything(0)
+    module = LoRAModule("tiny-qwen3", rank=4, alpha=8, learning_rate=1e-2)
+    io = LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        plugins=[io],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=Examples(), ckpt_path=ckpt_path)
+    module.save_state(f"step{steps}")
+
+
+if __name__ == "__main__":
+    main()

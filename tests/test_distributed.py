@@ -1,0 +1,70 @@
+"""Two-process CPU DDP and FSDP2 (gloo): one rank writes, only the adapter is gathered, and a checkpoint
+saved at one world size resumes at another."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from lightning_lora_ckpt import CheckpointStore
+
+JOB = Path(__file__).with_name("distributed_job.py")
+pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+
+
+def run(strategy: str, devices: int, root: Path, run_id: str, steps: int, ckpt: str | None = None) -> Path:
+    args = [sys.executable, str(JOB), strategy, str(devices), str(root), run_id, str(steps), *([ckpt] if ckpt else [])]
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root.parent)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return root / run_id / "weights" / f"step{steps}"
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return {
+        **safetensors.torch.load_file(checkpoint / "adapter_model.safetensors"),
+        **{
+            k: v
+            for k, v in safetensors.torch.load_file(checkpoint / "training_state.safetensors").items()
+            if k.startswith("optimizer_states")
+        },
+    }
+
+
+def assert_same(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert set(ta) == set(tb)
+    for key in ta:
+        # Adam turns float-summation-order differences of early gradients into visible (small) steps.
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-3, atol=5e-4, msg=key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dist") / "ckpts"
+    runs = {name: run(name, 1 if name == "single" else 2, root, name, 4) for name in ("single", "ddp", "fsdp2")}
+    runs["reference"] = run("single", 1, root, "reference", 6, str(runs["single"]))  # resumed in one process
+    return runs
+
+
+def test_multi_process_checkpoints_equal_the_single_process_one(runs: dict[str, Path]) -> None:
+    for name in ("ddp", "fsdp2"):
+        assert_same(runs["single"], runs[name])
+        files = sorted(p.name for p in runs[name].iterdir())
+        assert files == sorted(p.name for p in runs["single"].iterdir())  # one writer, one set of files
+        assert (runs[name] / "adapter_model.safetensors").stat().st_size == (
+            runs["single"] / "adapter_model.safetensors"
+        ).stat().st_size
+    assert CheckpointStore(str(runs["single"].parents[2])).get(str(runs["fsdp2"])).step == 4
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "devices"), [("fsdp2", "single", 1), ("single", "fsdp2", 2), ("ddp", "single", 1)]
+)
+def test_resume_at_another_world_size(runs: dict[str, Path], source: str, target: str, devices: int) -> None:
+    resumed = run(target, devices, runs["single"].parents[2], f"{source}-to-{target}", 6, str(runs[source]))
+    assert_same(runs["reference"], resumed)
