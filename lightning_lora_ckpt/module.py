@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -165,13 +166,19 @@ class LoRAModule(LightningModule):
         # frozen embeddings are never part of a checkpoint.
         return get_peft_model_state_dict(self.model, save_embedding_layers=False)
 
+    @functools.cached_property
+    def adapter_keys(self) -> dict[str, str]:
+        """PEFT's adapter key name -> this module's state_dict key, worked out once by PEFT itself."""
+        names = {n: n for n, p in self.model.named_parameters() if p.requires_grad}
+        mapping = get_peft_model_state_dict(self.model, state_dict=names, save_embedding_layers=False)
+        return {peft_key: f"model.{name}" for peft_key, name in mapping.items()}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Rename what the strategy gathered (the whole module, or only trainable tensors under FSDP2) to
-        # PEFT's adapter key names; PEFT drops everything that is not the adapter.
-        gathered = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        checkpoint["state_dict"] = get_peft_model_state_dict(
-            self.model, state_dict=gathered, save_embedding_layers=False
-        )
+        # Pick the adapter out of what the strategy gathered (the whole module, or only the trainable
+        # tensors under FSDP2, on rank 0) under PEFT's key names: a dict lookup per adapter tensor, not
+        # another walk over every module of the base.
+        gathered = checkpoint["state_dict"]
+        checkpoint["state_dict"] = {p: gathered[m] for p, m in self.adapter_keys.items() if m in gathered}
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model_ref),

@@ -1,16 +1,20 @@
 """One training job of the multi-process tests: `python distributed_job.py STRATEGY DEVICES ROOT RUN STEPS [CKPT]`.
 
-STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with gloo). Each step sees the
+STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with gloo); `lightning-ddp` and
+`lightning-fsdp2` save Lightning's default way instead (TorchCheckpointIO; ModelParallelStrategy's
+distributed checkpoint) to ROOT/RUN/default, for benchmarks/distributed_bytes.py. Each step sees the
 same 4 examples whatever the world size (4 per process alone, 2 per process with two), so every
 strategy computes the same updates. Saves training checkpoint `step<N>` at the end.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModelParallelStrategy, LoRAModule
@@ -45,16 +49,19 @@ def main() -> None:
         "single": "auto",
         "ddp": "ddp",
         "fsdp2": LoRAModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+        "lightning-ddp": "ddp",
+        "lightning-fsdp2": ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
     }[strategy_name]
+    default = strategy_name.startswith("lightning-")
     L.seed_everything(0)
-    module = LoRAModule("tiny-qwen3", rank=4, alpha=8, learning_rate=1e-2)
-    io = LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
+    module = LoRAModule(os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=4, alpha=8, learning_rate=1e-2)
+    io = None if default else LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
         max_steps=steps,
-        plugins=[io],
+        plugins=[io] if io else None,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -62,7 +69,10 @@ def main() -> None:
         num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=Examples(), ckpt_path=ckpt_path)
-    module.save_state(f"step{steps}")
+    if default:
+        trainer.save_checkpoint(os.path.join(root, run_id, "default"))
+    else:
+        module.save_state(f"step{steps}")
 
 
 if __name__ == "__main__":
