@@ -17,8 +17,11 @@ _EXPORTS = {
     "CheckpointTTL": "callbacks",
     "CheckpointFormatError": "manifest",
     "CheckpointStore": "store",
+    "HubPublishError": "hub",
+    "HubPublisher": "hub",
     "JSONLDataModule": "data",
     "LoRACheckpointIO": "io",
+    "LoRAFSDPStrategy": "strategies",
     "LoRAModelParallelStrategy": "strategies",
     "LoRAModule": "module",
     "PeriodicCheckpoint": "callbacks",
@@ -27,6 +30,7 @@ _EXPORTS = {
     "extract_archive": "store",
     "load_base_model": "models",
     "load_tokenizer": "models",
+    "push_to_hub": "hub",
 }
 __all__ = [
     "Checkpoint",
@@ -34,8 +38,11 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointStore",
     "CheckpointTTL",
+    "HubPublishError",
+    "HubPublisher",
     "JSONLDataModule",
     "LoRACheckpointIO",
+    "LoRAFSDPStrategy",
     "LoRAModelParallelStrategy",
     "LoRAModule",
     "PeriodicCheckpoint",
@@ -45,11 +52,13 @@ __all__ = [
     "extract_archive",
     "load_base_model",
     "load_tokenizer",
+    "push_to_hub",
 ]
 
 if TYPE_CHECKING:
     from .callbacks import CheckpointTTL, PeriodicCheckpoint
     from .data import JSONLDataModule
+    from .hub import HubPublisher, HubPublishError, push_to_hub
     from .io import LoRACheckpointIO
     from .manifest import CheckpointFormatError
     from .models import load_base_model, load_tokenizer
@@ -57,7 +66,7 @@ if TYPE_CHECKING:
     from .records import Checkpoint, TrainingRun
     from .state_codec import StateEncodingError
     from .store import CheckpointConflictError, CheckpointStore, extract_archive
-    from .strategies import LoRAModelParallelStrategy
+    from .strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
 
 
 def __getattr__(name: str) -> Any:

@@ -189,6 +189,19 @@ def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Consol
     return {"path": report.path, "ok": report.ok, "files": report.files, "problems": report.problems}
 
 
+def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    from .hub import push_to_hub  # imports Lightning: only when pushing
+
+    url = push_to_hub(
+        store.resolve(args.uri),
+        args.repo_id,
+        private=not args.public,
+        revision_tag=args.tag,
+        storage_options=store.storage_options,
+    )
+    return _say(args, console, None, f"pushed {store.resolve(args.uri)} to {url}", commit_url=url)
+
+
 def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:
     if not args.json:
         console.print(message, highlight=False)
@@ -234,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("download", cmd_download, "copy a checkpoint into a local directory, verifying every file", "uri", "output_dir")
     add("archive", cmd_archive, "write a checkpoint as a .tar or .tar.gz (any URI)", "uri", "tar_path")
     add("extract", cmd_extract, "safely extract a checkpoint archive", "tar_path", "output_dir")
+    p = add("push-hf", cmd_push_hf, "push a checkpoint's PEFT adapter and a model card to the Hugging Face Hub", "uri")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--tag", default=None, help="tag naming the checkpoint (default: RUN-NAME)")
+    p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     add("verify", cmd_verify, "check every file against the manifest's size and sha256 (exit 2 if damaged)", "uri")
     return parser
 

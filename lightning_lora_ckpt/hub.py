@@ -126,7 +126,8 @@ class HubPublisher(Callback):
     """Publishes the run's sampler checkpoints (saved through ``LoRACheckpointIO``) to the Hub during fit.
 
     - ``"final"``: the newest sampler checkpoint when fit ends (``PeriodicCheckpoint``'s ``final``);
-    - ``"every_save"``: each new sampler checkpoint, looked for after every optimizer step and at the end;
+    - ``"every_save"``: each new sampler checkpoint, looked for after every optimizer step and when
+      training ends;
     - ``"best"``: a new sampler checkpoint only if the logged ``monitor`` then beats (per ``mode``) the
       value at the last publish.
 
@@ -175,13 +176,16 @@ class HubPublisher(Callback):
         if self._running is None or self._running.done():
             self._submit(trainer)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # The last periodic save, before a ``final`` saved at this same step can supersede it.
+        if self.strategy != "final" and trainer.is_global_zero:
+            self._publish_after_writes(trainer)
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        self._join()
-        checkpoint_io(trainer).wait()
-        self._submit(trainer)
-        self._join()
+        self._publish_after_writes(trainer)
+        self.wait()
         errors, self._errors = self._errors, []
         if errors and self.fail_on_error:
             raise HubPublishError(f"HubPublisher could not publish to {self.repo_id}: {errors[0]}") from errors[0]
@@ -199,7 +203,18 @@ class HubPublisher(Callback):
         self.published = frozenset(state_dict["published"])
         self.best = state_dict.get("best")
 
+    def wait(self) -> None:
+        """Block until the running publish, if any, has finished."""
+        if self._running is not None:
+            self._running.result()
+            self._running = None
+
     # -- publishing ---------------------------------------------------------------------------------
+    def _publish_after_writes(self, trainer: Trainer) -> None:
+        self.wait()
+        checkpoint_io(trainer).wait()
+        self._submit(trainer)
+
     def _submit(self, trainer: Trainer) -> None:
         io = checkpoint_io(trainer)
         if io.run_id is None:  # nothing saved yet
@@ -240,13 +255,8 @@ class HubPublisher(Callback):
             return False
         return self.best is None or (metric < self.best if self.mode == "min" else metric > self.best)
 
-    def _join(self) -> None:
-        if self._running is not None:
-            self._running.result()
-            self._running = None
-
     def _shutdown(self) -> None:
-        self._join()
+        self.wait()
         if self._executor is not None:
             self._executor.shutdown()
             self._executor = None

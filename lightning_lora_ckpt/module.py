@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -16,7 +15,8 @@ import transformers
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import storage, uris
@@ -95,6 +95,14 @@ class LoRAModule(LightningModule):
             torch.manual_seed(seed)
             self.model: PeftModel = get_peft_model(base, lora_config)
         self.model.peft_config["default"].base_model_name_or_path = base_model
+        # PEFT's adapter key names -> this module's parameter names (and shapes), worked out once by PEFT
+        # itself before any strategy wraps or shards the model.
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        mapping = get_peft_model_state_dict(
+            self.model, state_dict={n: n for n in trainable}, save_embedding_layers=False
+        )
+        self.adapter_keys = {peft_key: f"model.{name}" for peft_key, name in mapping.items()}
+        self.adapter_shapes = {peft_key: tuple(trainable[name].shape) for peft_key, name in mapping.items()}
         # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
         self.strict_loading = False
         self._restore_optimizer_from: dict[str, Any] | None = None
@@ -166,13 +174,6 @@ class LoRAModule(LightningModule):
         # frozen embeddings are never part of a checkpoint.
         return get_peft_model_state_dict(self.model, save_embedding_layers=False)
 
-    @functools.cached_property
-    def adapter_keys(self) -> dict[str, str]:
-        """PEFT's adapter key name -> this module's state_dict key, worked out once by PEFT itself."""
-        names = {n: n for n, p in self.model.named_parameters() if p.requires_grad}
-        mapping = get_peft_model_state_dict(self.model, state_dict=names, save_embedding_layers=False)
-        return {peft_key: f"model.{name}" for peft_key, name in mapping.items()}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Pick the adapter out of what the strategy gathered (the whole module, or only the trainable
         # tensors under FSDP2, on rank 0) under PEFT's key names: a dict lookup per adapter tensor, not
@@ -207,27 +208,23 @@ class LoRAModule(LightningModule):
             a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
             if a != b:
                 raise ValueError(f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}")
-        expected = self.adapter_state_dict()
+        expected = self.adapter_shapes
         missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or unexpected:
             raise ValueError(
                 f"Adapter tensors of {source} do not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for key, tensor in state_dict.items():
-            if tensor.shape != expected[key].shape:
+            if tuple(tensor.shape) != expected[key]:
                 raise ValueError(
-                    f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, "
-                    f"the module expects {tuple(expected[key].shape)}"
+                    f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, the module expects {expected[key]}"
                 )
-        with torch.no_grad():
-            # The state_dict's tensors share storage with the parameters: copy in place. Under FSDP2
-            # each rank keeps its shard of the full tensor; the module's (not the file's) key order keeps
-            # those scatters in the same order on every rank.
-            for key, target in expected.items():
-                tensor = state_dict[key]
-                if isinstance(target, DTensor):
-                    tensor = distribute_tensor(tensor.to(target.dtype), target.device_mesh, target.placements)
-                target.copy_(tensor)
+        # torch's distributed state-dict API loads full tensors into plain, DDP, FSDP1 and FSDP2 (sharded)
+        # parameters alike; FSDP1 must be addressed through its root wrapper.
+        strategy_model = self._trainer.strategy.model if self._trainer is not None else None
+        root = strategy_model if isinstance(strategy_model, FullyShardedDataParallel) else self
+        by_module_key = {self.adapter_keys[k]: state_dict[k] for k in self.adapter_keys}
+        set_model_state_dict(root, by_module_key, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # -- the hosted-service style API -------------------------------------------------------------
     def save_state(self, name: str, ttl_seconds: float | None = None) -> str:

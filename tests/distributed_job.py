@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_lora_ckpt import LoRACheckpointIO, LoRAModelParallelStrategy, LoRAModule
+from lightning_lora_ckpt import LoRACheckpointIO, LoRAFSDPStrategy, LoRAModelParallelStrategy, LoRAModule
 
 
 def examples(n: int = 32) -> list[dict[str, torch.Tensor]]:
@@ -49,6 +49,7 @@ def main() -> None:
         "single": "auto",
         "ddp": "ddp",
         "fsdp2": LoRAModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
+        "fsdp1": LoRAFSDPStrategy(),
         "lightning-ddp": "ddp",
         "lightning-fsdp2": ModelParallelStrategy(data_parallel_size=devices, tensor_parallel_size=1),
     }[strategy_name]
@@ -57,7 +58,7 @@ def main() -> None:
     module = LoRAModule(os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=4, alpha=8, learning_rate=1e-2)
     io = None if default else LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
     trainer = L.Trainer(
-        accelerator="cpu",
+        accelerator=os.environ.get("ACCELERATOR", "cpu"),
         devices=devices,
         strategy=strategy,
         max_steps=steps,

@@ -67,7 +67,7 @@ class HubServer(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
     def start(self) -> HubServer:
-        threading.Thread(target=self.serve_forever, name="hub-server", daemon=True).start()
+        threading.Thread(target=self.serve_forever, args=(0.05,), name="hub-server", daemon=True).start()
         return self
 
     def stop(self) -> None:

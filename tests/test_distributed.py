@@ -3,6 +3,7 @@ saved at one world size resumes at another."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +16,13 @@ from lightning_lora_ckpt import CheckpointStore
 
 JOB = Path(__file__).with_name("distributed_job.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs CUDA")
 
 
 def run(strategy: str, devices: int, root: Path, run_id: str, steps: int, ckpt: str | None = None) -> Path:
     args = [sys.executable, str(JOB), strategy, str(devices), str(root), run_id, str(steps), *([ckpt] if ckpt else [])]
-    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root.parent)
+    env = {**os.environ, "ACCELERATOR": "cuda" if strategy == "fsdp1" else "cpu"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root.parent, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return root / run_id / "weights" / f"step{steps}"
 
@@ -67,4 +70,15 @@ def test_multi_process_checkpoints_equal_the_single_process_one(runs: dict[str, 
 )
 def test_resume_at_another_world_size(runs: dict[str, Path], source: str, target: str, devices: int) -> None:
     resumed = run(target, devices, runs["single"].parents[2], f"{source}-to-{target}", 6, str(runs[source]))
+    assert_same(runs["reference"], resumed)
+
+
+@needs_cuda
+@pytest.mark.parametrize(("source", "target"), [("fsdp1", "single"), ("single", "fsdp1")])
+def test_lightning_fsdp_strategy_on_cuda(runs: dict[str, Path], source: str, target: str) -> None:
+    root = runs["single"].parents[2]
+    fsdp1 = run("fsdp1", 1, root, f"fsdp1-{source}", 4)
+    assert_same(runs["single"], fsdp1)
+    first = fsdp1 if source == "fsdp1" else runs["single"]
+    resumed = run(target, 1, root, f"{source}-to-{target}-cuda", 6, str(first))
     assert_same(runs["reference"], resumed)
