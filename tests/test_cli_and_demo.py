@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -125,3 +126,36 @@ def test_make_demo_trains_checkpoints_and_resumes() -> None:
     }
     module = LoRAModule.from_checkpoint("lora://demo/sampler_weights/final", root=str(REPO / "checkpoints"))
     assert module.hparams.rank == 16
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
+def test_example_configs_parse(config: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", f"examples/{config}", "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_lifecycle_config_trains_and_autoresumes(tmp_path: Path) -> None:
+    root = tmp_path / "ckpts"
+    config = (REPO / "examples" / "lifecycle.yaml").read_text()
+    config = config.replace("root: ./checkpoints", f"root: {root}").replace("examples/data/", f"{REPO}/examples/data/")
+    (tmp_path / "lifecycle.yaml").write_text(config)
+    base = [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", str(tmp_path / "lifecycle.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "hf")}
+    for extra in (["--trainer.max_steps", "12"], ["--trainer.max_steps", "14", "--ckpt_path", "last"]):
+        out = subprocess.run([*base, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    assert "no Hugging Face token" in out.stderr  # HubPublisher logs and training goes on (fail_on_error: false)
+    store = CheckpointStore(str(root))
+    assert {c.checkpoint_id: c.step for c in store.list_checkpoints("lifecycle")} == {
+        "weights/rolling-000010": 10,
+        "weights/final": 14,
+        "sampler_weights/final": 14,
+    }
+    assert store.get("lora://lifecycle/weights/rolling-000010").expires_at is not None
