@@ -189,10 +189,9 @@ class LoRACheckpointIO(CheckpointIO):
                 versions=versions(),
             )
 
-        files = payload.to_files()
-        if overwrite:
-            storage.delete_checkpoint(uri, self.storage_options)
-        return storage.commit_checkpoint(uri, files, make_manifest, self.storage_options)
+        return storage.commit_checkpoint(
+            uri, payload.to_files(), make_manifest, self.storage_options, replace=overwrite
+        )
 
 
 def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any], bool]:

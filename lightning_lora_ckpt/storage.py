@@ -53,21 +53,23 @@ def commit_checkpoint(
     files: Mapping[str, bytes],
     make_manifest: Callable[[dict[str, FileEntry]], Manifest],
     storage_options: Mapping[str, Any] | None = None,
+    replace: bool = False,
 ) -> Manifest:
     """Write ``files`` and then the manifest built from their checksums as the checkpoint at ``uri``.
 
-    Refuses to replace a committed checkpoint; leftovers of an interrupted save at ``uri`` are replaced.
+    A committed checkpoint at ``uri`` is an error unless ``replace``: locally the old one is swapped out
+    only once the new one is fully written; on object stores it is deleted (manifest first) before the
+    upload. Leftovers of an interrupted save at ``uri`` are always replaced.
     """
     fs, path = url_to_fs(uri, storage_options)
-    if fs.exists(join(path, MANIFEST)):
+    if not replace and fs.exists(join(path, MANIFEST)):
         raise FileExistsError(f"A checkpoint already exists at {uri}; delete it first or save under another name")
     manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in files.items()})
     payload = {**files, MANIFEST: manifest.to_json()}
     if is_local(fs):
         _commit_local(path, payload)
     else:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
+        delete_checkpoint(uri, storage_options)
         for name, data in payload.items():  # dict order: the manifest goes last
             _upload(fs, join(path, name), data, manifest)
     return manifest
@@ -115,13 +117,17 @@ def _commit_local(path: str, payload: Mapping[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if os.path.exists(path):  # an uncommitted leftover (checked by the caller)
-            _remove_local(path)
+        previous = None
+        if os.path.exists(path):  # a leftover, or the checkpoint being replaced: swapped out, then deleted
+            previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
+            os.rename(path, previous)
         os.rename(tmp, path)
         _fsync_dir(parent)
     except BaseException:
         _remove_local(tmp)
         raise
+    if previous:
+        LocalFileSystem().rm(previous, recursive=True)
 
 
 def _remove_local(path: str) -> None:
