@@ -25,6 +25,8 @@ _EXPORTS = {
     "LoRAModelParallelStrategy": "strategies",
     "LoRAModule": "module",
     "PeriodicCheckpoint": "callbacks",
+    "SamplingClient": "sampling",
+    "SamplingParams": "sampling",
     "StateEncodingError": "state_codec",
     "TrainingRun": "records",
     "extract_archive": "store",
@@ -46,6 +48,8 @@ __all__ = [
     "LoRAModelParallelStrategy",
     "LoRAModule",
     "PeriodicCheckpoint",
+    "SamplingClient",
+    "SamplingParams",
     "StateEncodingError",
     "TrainingRun",
     "__version__",
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
     from .models import load_base_model, load_tokenizer
     from .module import LoRAModule
     from .records import Checkpoint, TrainingRun
+    from .sampling import SamplingClient, SamplingParams
     from .state_codec import StateEncodingError
     from .store import CheckpointConflictError, CheckpointStore, extract_archive
     from .strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy

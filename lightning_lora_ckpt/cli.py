@@ -202,6 +202,23 @@ def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Conso
     return _say(args, console, None, f"pushed {store.resolve(args.uri)} to {url}", commit_url=url)
 
 
+def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    import dataclasses
+
+    from .sampling import SamplingClient, SamplingParams  # imports torch: only when sampling
+
+    client = SamplingClient.from_checkpoint(store.resolve(args.uri), storage_options=store.storage_options)
+    params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.top_k, args.stop, args.seed)
+    response = client.sample(args.prompt, params, num_samples=args.num_samples)
+    if not args.json:
+        for i, seq in enumerate(response.sequences):
+            console.print(f"[{i}] ({seq.finish_reason}) {args.prompt}{seq.text}", highlight=False)
+    return {
+        "identity": dataclasses.asdict(client.identity),
+        "sequences": [dataclasses.asdict(seq) for seq in response.sequences],
+    }
+
+
 def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:
     if not args.json:
         console.print(message, highlight=False)
@@ -251,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--tag", default=None, help="tag naming the checkpoint (default: RUN-NAME)")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    p = add("sample", cmd_sample, "sample continuations of a prompt from a checkpoint's adapter", "uri")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1)
     add("verify", cmd_verify, "check every file against the manifest's size and sha256 (exit 2 if damaged)", "uri")
     return parser
 

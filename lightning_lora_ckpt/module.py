@@ -7,7 +7,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
 from .models import config_fingerprint, load_base_model, load_tokenizer
 from .payload import LORA_KEY, decode_checkpoint
 from .uris import CheckpointType
+
+if TYPE_CHECKING:
+    from .sampling import SamplingClient
 
 # LoRA settings that must match between a checkpoint and the module it is loaded into.
 _LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
@@ -247,6 +250,20 @@ class LoRAModule(LightningModule):
         options = {"ttl_seconds": ttl_seconds} if ttl_seconds is not None else None
         trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
         return trainer.strategy.broadcast(io.resolve(name, checkpoint_type))
+
+    def save_weights_and_get_sampling_client(self, max_seq_len: int | None = None) -> SamplingClient:
+        """A client sampling from an immutable in-memory snapshot of the current adapter (nothing is written).
+
+        The frozen base weights are shared with this module, the adapter is copied: later training does
+        not change what the client samples.
+        """
+        from .sampling import SamplingClient, snapshot_identity
+
+        frozen = {id(p): p for p in self.model.parameters() if not p.requires_grad}
+        snapshot = copy.deepcopy(self.model, memo=frozen)
+        snapshot.requires_grad_(False)
+        identity = snapshot_identity(self.adapter_state_dict())
+        return SamplingClient(snapshot, self.get_tokenizer(), self.base_model_ref, identity, max_seq_len)
 
     @classmethod
     def from_checkpoint(

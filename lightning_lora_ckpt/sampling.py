@@ -1,0 +1,214 @@
+"""Inference from sampler weights: ``SamplingClient`` and ``SamplingParams`` (Tinker's sampling API).
+
+A client holds one base model and one LoRA adapter. ``load_adapter`` swaps in another adapter of the
+same base without touching the base weights (hotload); ``identity`` always says which checkpoint it
+serves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from . import storage, uris
+from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
+from .payload import LORA_KEY, decode_checkpoint
+
+_LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters; ``stop`` takes
+    strings and/or token ids (default: the tokenizer's end-of-sequence token); the same ``seed`` gives
+    the same samples."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: str | int | list[str | int] | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledSequence:
+    tokens: list[int]
+    logprobs: list[float]  # the model's log-softmax of each generated token, before temperature/top-k/top-p
+    text: str
+    finish_reason: Literal["stop", "length"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResponse:
+    sequences: list[SampledSequence]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterIdentity:
+    """Which adapter a client serves: its checkpoint (run, name, URI) and the sha256 of its content."""
+
+    run_id: str | None
+    name: str | None
+    uri: str | None
+    content_sha256: str
+
+
+class SamplingClient:
+    """Samples from a base model with one LoRA adapter (see :meth:`from_checkpoint`)."""
+
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        base_model: BaseModelRef,
+        identity: AdapterIdentity,
+        max_seq_len: int | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.base_model = base_model
+        self.identity = identity
+        self.max_seq_len = max_seq_len
+        self._adapters = 0
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        uri: str | os.PathLike[str],
+        base_model: str | None = None,
+        root: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        max_seq_len: int | None = None,
+    ) -> SamplingClient:
+        """A client for any sampler or training checkpoint; ``base_model`` overrides the recorded base
+        (which must have the same fingerprint)."""
+        from .module import LoRAModule
+
+        uri = uris.resolve(uri, root)
+        overrides = {"base_model": base_model} if base_model else {}
+        module = LoRAModule.from_checkpoint(uri, storage_options=storage_options, **overrides)
+        identity = _checkpoint_identity(uri, storage_options)
+        return cls(module.model, module.get_tokenizer(), module.base_model_ref, identity, max_seq_len)
+
+    # -- hotload ----------------------------------------------------------------------------------
+    def load_adapter(
+        self, uri: str | os.PathLike[str], root: str | None = None, storage_options: dict[str, Any] | None = None
+    ) -> AdapterIdentity:
+        """Serve another adapter of the same base (any LoRA rank or targets) without reloading the base."""
+        uri = uris.resolve(uri, root)
+        manifest = storage.read_manifest(uri, storage_options)
+        manifest.base_model.check_compatible(self.base_model, uri)
+        files = storage.read_files(uri, manifest, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], storage_options)
+        checkpoint = decode_checkpoint(manifest, files, uri)
+        config = {k: v for k, v in checkpoint[LORA_KEY]["adapter_config"].items() if k in _LORA_FIELDS}
+        old, self._adapters = self.model.active_adapter, self._adapters + 1
+        name = f"adapter{self._adapters}"
+        self.model.add_adapter(name, LoraConfig(**{**config, "inference_mode": True}))
+        result = set_peft_model_state_dict(self.model, checkpoint["state_dict"], adapter_name=name)
+        if any(name in key for key in result.missing_keys):
+            self.model.delete_adapter(name)
+            raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
+        self.model.set_adapter(name)
+        self.model.delete_adapter(old)
+        self.model.eval()
+        self.identity = AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
+        return self.identity
+
+    # -- scoring and sampling ---------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_logprobs(self, tokens: list[int]) -> list[float | None]:
+        """Log-probability of each token given the ones before it (None for the first)."""
+        ids = torch.tensor([tokens], device=self._device)
+        logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        return [None, *logprobs.gather(-1, ids[0, 1:, None])[:, 0].tolist()]
+
+    @torch.no_grad()
+    def sample(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None, num_samples: int = 1
+    ) -> SampleResponse:
+        """``num_samples`` continuations of ``prompt`` (text or token ids), generated as one batch with a KV cache."""
+        params = sampling_params or SamplingParams()
+        prompt_ids = (
+            self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        )
+        if not prompt_ids or num_samples < 1:
+            raise ValueError("sample() needs a non-empty prompt and num_samples >= 1")
+        if self.max_seq_len is not None and len(prompt_ids) >= self.max_seq_len:
+            return SampleResponse([])  # like Fireworks' DeploymentSampler: no model call for an over-long prompt
+        stop_ids, stop_texts = self._stops(params.stop)
+        generator = torch.Generator(self._device)
+        generator.manual_seed(params.seed) if params.seed is not None else generator.seed()
+        ids = torch.tensor([prompt_ids] * num_samples, device=self._device)
+        out = self.model(input_ids=ids, use_cache=True)
+        tokens: list[list[int]] = [[] for _ in range(num_samples)]
+        logprobs: list[list[float]] = [[] for _ in range(num_samples)]
+        finish: list[str | None] = [None] * num_samples
+        for _ in range(params.max_tokens):
+            logits = out.logits[:, -1].float()
+            next_ids = _choose(logits, params, generator)
+            chosen = torch.log_softmax(logits, dim=-1).gather(-1, next_ids[:, None])[:, 0]
+            for i in range(num_samples):
+                if finish[i] is None:
+                    tokens[i].append(int(next_ids[i]))
+                    logprobs[i].append(float(chosen[i]))
+                    if tokens[i][-1] in stop_ids or any(s in self.tokenizer.decode(tokens[i]) for s in stop_texts):
+                        finish[i] = "stop"
+            if all(finish):
+                break
+            out = self.model(input_ids=next_ids[:, None], past_key_values=out.past_key_values, use_cache=True)
+        sequences = []
+        for toks, lps, reason in zip(tokens, logprobs, finish, strict=True):
+            if self.max_seq_len is not None and len(prompt_ids) + len(toks) > self.max_seq_len:
+                continue
+            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            for s in stop_texts:
+                text = text.split(s, 1)[0]
+            sequences.append(SampledSequence(toks, lps, text, "stop" if reason else "length"))
+        return SampleResponse(sequences)
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _stops(self, stop: str | int | list[str | int] | None) -> tuple[set[int], list[str]]:
+        if stop is None:
+            return {self.tokenizer.eos_token_id} - {None}, []
+        items = stop if isinstance(stop, list) else [stop]
+        return {s for s in items if isinstance(s, int)}, [s for s in items if isinstance(s, str)]
+
+
+def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw after temperature, top-k and top-p."""
+    if params.temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= params.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
+
+
+def _checkpoint_identity(uri: str, storage_options: dict[str, Any] | None) -> AdapterIdentity:
+    manifest = storage.read_manifest(uri, storage_options)
+    return AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
+
+
+def snapshot_identity(adapter: dict[str, torch.Tensor]) -> AdapterIdentity:
+    """Identity of an in-memory adapter (no checkpoint): the sha256 of its tensors in key order."""
+    digest = hashlib.sha256()
+    for key in sorted(adapter):
+        digest.update(key.encode())
+        digest.update(adapter[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return AdapterIdentity(None, None, None, digest.hexdigest())
