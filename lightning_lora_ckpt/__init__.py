@@ -32,6 +32,7 @@ _EXPORTS = {
     "extract_archive": "store",
     "load_base_model": "models",
     "load_tokenizer": "models",
+    "merge_adapter": "export",
     "push_to_hub": "hub",
 }
 __all__ = [
@@ -56,12 +57,14 @@ __all__ = [
     "extract_archive",
     "load_base_model",
     "load_tokenizer",
+    "merge_adapter",
     "push_to_hub",
 ]
 
 if TYPE_CHECKING:
     from .callbacks import CheckpointTTL, PeriodicCheckpoint
     from .data import JSONLDataModule
+    from .export import merge_adapter
     from .hub import HubPublisher, HubPublishError, push_to_hub
     from .io import LoRACheckpointIO
     from .manifest import CheckpointFormatError

@@ -219,6 +219,24 @@ def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Consol
     }
 
 
+def cmd_merge(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    from .export import merge_adapter  # imports torch and transformers: only when merging
+
+    uri = store.resolve(args.uri)
+    with _progress_bar(console, not args.json) as progress:
+        path = merge_adapter(
+            uri,
+            args.output_dir,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            base_model=args.base_model,
+            overwrite=args.overwrite,
+            storage_options=store.storage_options,
+            progress=progress,
+        )
+    return _say(args, console, None, f"merged {uri} into {path}", path=path)
+
+
 def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:
     if not args.json:
         console.print(message, highlight=False)
@@ -277,6 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--num-samples", type=int, default=1)
+    p = add(
+        "merge",
+        cmd_merge,
+        "fold a checkpoint's LoRA adapter into its base: a full HF model directory that loads without PEFT",
+        "uri",
+        "output_dir",
+    )
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 500MB (default 2GB)")
+    p.add_argument("--base-model", default=None, help="fold into this base (same config) instead of the manifest's")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add("verify", cmd_verify, "check every file against the manifest's size and sha256 (exit 2 if damaged)", "uri")
     return parser
 

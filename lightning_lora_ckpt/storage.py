@@ -8,9 +8,11 @@ visible only once its ``checkpoint.json`` exists, and readers ignore everything 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -21,10 +23,49 @@ from .manifest import MANIFEST, MAX_MANIFEST_BYTES, CheckpointFormatError, FileE
 from .ttl import TTL_TAG, lifecycle_tag
 from .uris import join
 
+#: botocore client settings for ``s3://``, applied to each key the caller's ``config_kwargs`` leave out:
+#: retries with exponential backoff and jitter (botocore's "standard" mode: 500/502/503/504, throttling
+#: and connection errors) and bounded waits for a connection and for each read. s3fs retries throttling
+#: and connection errors up to 5 more times around these (docs/faults-and-hostile-input.md).
+S3_CONFIG_DEFAULTS: dict[str, Any] = {
+    "retries": {"mode": "standard", "total_max_attempts": 5},
+    "connect_timeout": 5,
+    "read_timeout": 15,
+}
+_RETRY_ENV = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")  # botocore reads these; an explicit Config would override them
+
+
+class CheckpointWriteError(OSError):
+    """Storage kept failing (after the filesystem's own retries) while a checkpoint was written or deleted."""
+
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and in-filesystem path of ``uri``."""
-    return fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    """The fsspec filesystem and in-filesystem path of ``uri``.
+
+    On ``s3://`` the :data:`S3_CONFIG_DEFAULTS` missing from ``storage_options["config_kwargs"]`` are
+    added; the retry settings only if neither ``AWS_RETRY_MODE`` nor ``AWS_MAX_ATTEMPTS`` is set.
+    """
+    options = dict(storage_options or {})
+    if fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
+        retry_env = any(name in os.environ for name in _RETRY_ENV)
+        defaults = {k: v for k, v in S3_CONFIG_DEFAULTS.items() if not (k == "retries" and retry_env)}
+        options["config_kwargs"] = {**copy.deepcopy(defaults), **(options.get("config_kwargs") or {})}
+    return fsspec.core.url_to_fs(uri, **options)
+
+
+@contextlib.contextmanager
+def _storage_errors(action: str, uri: str) -> Iterator[None]:
+    """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as err:
+        raise CheckpointWriteError(
+            f"Could not {action} {uri}: {type(err).__name__}: {err}. The storage kept failing after its retries "
+            "(see docs/faults-and-hostile-input.md to tune them); a checkpoint is listed and loadable only once "
+            "its checkpoint.json is written, so nothing half-written is visible"
+        ) from err
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -62,16 +103,19 @@ def commit_checkpoint(
     upload. Leftovers of an interrupted save at ``uri`` are always replaced.
     """
     fs, path = url_to_fs(uri, storage_options)
-    if not replace and fs.exists(join(path, MANIFEST)):
+    with _storage_errors("write checkpoint", uri):
+        exists = fs.exists(join(path, MANIFEST))
+    if exists and not replace:
         raise FileExistsError(f"A checkpoint already exists at {uri}; delete it first or save under another name")
     manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in files.items()})
     payload = {**files, MANIFEST: manifest.to_json()}
-    if is_local(fs):
-        _commit_local(path, payload)
-    else:
-        delete_checkpoint(uri, storage_options)
-        for name, data in payload.items():  # dict order: the manifest goes last
-            _upload(fs, join(path, name), data, manifest)
+    with _storage_errors("write checkpoint", uri):
+        if is_local(fs):
+            _commit_local(path, payload)
+        else:
+            _delete_remote(fs, path)
+            for name, data in payload.items():  # dict order: the manifest goes last
+                _upload(fs, join(path, name), data, manifest)
     return manifest
 
 
@@ -117,15 +161,26 @@ def _commit_local(path: str, payload: Mapping[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        previous = None
-        if os.path.exists(path):  # a leftover, or the checkpoint being replaced: swapped out, then deleted
-            previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
-            os.rename(path, previous)
-        os.rename(tmp, path)
-        _fsync_dir(parent)
+        install_dir(tmp, path)
     except BaseException:
-        _remove_local(tmp)
+        if os.path.exists(tmp):
+            _remove_local(tmp)
         raise
+
+
+def install_dir(tmp: str, path: str) -> None:
+    """Rename the finished local directory ``tmp`` to ``path``.
+
+    Whatever is at ``path`` (a leftover, or what is being replaced) is first swapped out, then deleted
+    once the new directory is in place.
+    """
+    parent, name = os.path.split(path)
+    previous = None
+    if os.path.exists(path):
+        previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
+        os.rename(path, previous)
+    os.rename(tmp, path)
+    _fsync_dir(parent)
     if previous:
         LocalFileSystem().rm(previous, recursive=True)
 
@@ -148,7 +203,7 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     """Read and validate the manifest of the checkpoint at ``uri``."""
     fs, path = url_to_fs(uri, storage_options)
     try:
-        raw = fs.cat_file(join(path, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
+        raw = _read_member(fs, uri, path, MANIFEST, MAX_MANIFEST_BYTES)
     except FileNotFoundError as err:
         raise CheckpointFormatError(
             f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never completed)"
@@ -159,18 +214,50 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
 def read_files(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, bytes]:
-    """Read ``names`` from the checkpoint at ``uri``, checking each against the manifest's size and sha256."""
+    """Read ``names`` from the checkpoint at ``uri``, checking each against the manifest's size and sha256.
+
+    No more than the listed size (plus one byte) is ever read, so a file swapped for a huge one is
+    refused without being loaded.
+    """
     fs, path = url_to_fs(uri, storage_options)
     out: dict[str, bytes] = {}
     for name in names:
         expected = manifest.files[name]
         try:
-            data = fs.cat_file(join(path, name))
+            data = _read_member(fs, uri, path, name, expected.size)
         except FileNotFoundError as err:
             raise CheckpointFormatError(f"Checkpoint {uri} is damaged: {name} is missing") from err
+        if len(data) > expected.size:
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} is damaged: {name} is larger than the {expected.size} bytes the manifest lists"
+            )
         check_file(uri, name, expected, len(data), sha256_hex(data))
         out[name] = data
     return out
+
+
+def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, source: str) -> bytes:
+    """The content of ``path``; a file over ``limit`` bytes is refused after reading only ``limit + 1``."""
+    raw = fs.cat_file(path, start=0, end=limit + 1)
+    if len(raw) > limit:
+        raise CheckpointFormatError(f"{source} is larger than {limit} bytes, far more than a valid one; refusing it")
+    return raw
+
+
+def _read_member(fs: fsspec.AbstractFileSystem, uri: str, path: str, name: str, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of file ``name`` of a checkpoint; locally only a regular file inside it."""
+    if is_local(fs):
+        target = os.path.realpath(os.path.join(path, name))
+        if os.path.dirname(target) != os.path.realpath(path):
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} is unsafe: {name} is a link to {target}, outside the checkpoint directory; "
+                "refusing to read it"
+            )
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} is unsafe: {name} is not a regular file; refusing to read it"
+            )
+    return fs.cat_file(join(path, name), start=0, end=limit + 1)
 
 
 def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str) -> None:
@@ -185,10 +272,15 @@ def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str)
 def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Delete the checkpoint directory at ``uri``: first its manifest (so it stops being visible), then the rest."""
     fs, path = url_to_fs(uri, storage_options)
-    if is_local(fs):
-        if os.path.exists(path):
-            _remove_local(path)
-        return
+    with _storage_errors("delete checkpoint", uri):
+        if is_local(fs):
+            if os.path.exists(path):
+                _remove_local(path)
+        else:
+            _delete_remote(fs, path)
+
+
+def _delete_remote(fs: fsspec.AbstractFileSystem, path: str) -> None:
     if fs.exists(join(path, MANIFEST)):
         fs.rm_file(join(path, MANIFEST))
     if fs.exists(path):
@@ -198,7 +290,8 @@ def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None
 def write_json_if_absent(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write a small JSON document (``run.json``) unless one already exists there."""
     fs, path = url_to_fs(uri, storage_options)
-    if fs.exists(path):
-        return
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(path, data)
+    with _storage_errors("write run metadata", uri):
+        if fs.exists(path):
+            return
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        fs.pipe_file(path, data)

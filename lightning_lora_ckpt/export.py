@@ -1,0 +1,408 @@
+"""Merging a LoRA checkpoint into its base model: a full Hugging Face model directory, loadable with no PEFT.
+
+``merge_adapter`` folds ``W += scale * B @ A`` into every targeted weight (in float32, then cast once
+to the output dtype) and writes sharded safetensors, ``config.json``, the generation config and the
+tokenizer. The base is streamed: from a directory (or HF snapshot) of safetensors files it is read
+tensor by tensor, input shard by input shard, and output shards are flushed as soon as they are
+complete, so the whole model is never in memory. A built-in base (no files) is built in memory from
+its config and streamed out the same way.
+
+QLoRA checkpoints are plain PEFT adapters whose manifest names the full-precision base: the adapter
+is always folded into those full-precision weights (a merged model is never quantized).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
+from peft.utils.other import get_pattern_key
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.core_model_loading import revert_weight_conversion
+from transformers.modeling_utils import remove_tied_weights_from_state_dict
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from . import storage, uris
+from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
+from .models import config_fingerprint, is_builtin, load_base_model, load_config, load_tokenizer
+from .payload import LORA_KEY, decode_checkpoint
+
+log = logging.getLogger(__name__)
+
+#: Output dtypes of ``merge_adapter``.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Dtype names in safetensors headers that a base may hold (a float8 base is a quantized checkpoint).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# PEFT LoRA options that change what merging means; a truthy value is refused.
+_UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA (a magnitude vector rescales the merged weight)",
+    "lora_bias": "lora_bias (a trained bias on lora_B)",
+    "modules_to_save": "modules_to_save (fully trained copies of base modules)",
+    "trainable_token_indices": "trainable_token_indices (trained embedding rows)",
+    "layer_replication": "layer_replication (the adapted model has more layers than the base)",
+    "target_parameters": "target_parameters (LoRA on raw parameters, e.g. MoE experts)",
+    "alora_invocation_tokens": "activated LoRA (applied only after its invocation tokens, so it cannot be merged)",
+    "use_qalora": "QA-LoRA (pooled inputs)",
+    "use_bdlora": "BD-LoRA",
+    "arrow_config": "Arrow routing between adapters",
+}
+_LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
+_METADATA = {"format": "pt"}
+_SHARD_PATTERN = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRADelta:
+    """The low-rank update of one linear weight: ``scale * B @ A`` (transposed for ``fan_in_fan_out`` layers)."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The shape of the weight this delta is added to."""
+        out_features, in_features = self.lora_B.shape[0], self.lora_A.shape[1]
+        return (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight + delta`` in float32 (a new tensor: ``weight`` is never modified)."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
+        return weight.float() + (delta.T if self.fan_in_fan_out else delta)
+
+
+def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any], source: str) -> dict[str, LoRADelta]:
+    """The deltas of a PEFT LoRA adapter (``adapter_model.safetensors`` keys), by base weight name.
+
+    Honours ``use_rslora`` (scale ``alpha/sqrt(r)`` instead of ``alpha/r``), ``rank_pattern``,
+    ``alpha_pattern`` and ``fan_in_fan_out``; refuses DoRA and other variants whose merge is not
+    ``W + scale * B @ A``, and adapters of non-linear layers (embeddings, convolutions).
+    """
+    peft_type = adapter_config.get("peft_type")
+    if peft_type != "LORA":
+        raise ValueError(f"{source} holds a {peft_type} adapter; merge_adapter merges LoRA adapters only")
+    for option, what in _UNSUPPORTED_OPTIONS.items():
+        if adapter_config.get(option):
+            raise ValueError(
+                f"{source} uses {what} ({ADAPTER_CONFIG}: {option}={adapter_config[option]!r}); merge_adapter folds "
+                "plain LoRA only: merge it with peft (PeftModel.from_pretrained(base, path).merge_and_unload())"
+            )
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in adapter.items():
+        match = _LORA_KEY.fullmatch(key)
+        if match is None:
+            raise ValueError(
+                f"{source}: adapter tensor {key!r} is not the lora_A/lora_B weight of a linear layer; "
+                "merge_adapter supports LoRA on linear layers only (not embeddings, convolutions or bias training)"
+            )
+        halves.setdefault(match["module"], {})[match["half"]] = tensor
+    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    rank_pattern, alpha_pattern = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
+    deltas = {}
+    for module, pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"{source}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
+        lora_A, lora_B = pair["A"], pair["B"]
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+        if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != rank or lora_B.shape[1] != rank:
+            raise ValueError(
+                f"{source}: {module} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, not the "
+                f"(r, in) and (out, r) matrices of a rank-{rank} linear LoRA (convolution LoRA is not supported)"
+            )
+        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+        scale = module_alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
+        deltas[f"{module}.weight"] = LoRADelta(lora_A, lora_B, scale, bool(adapter_config.get("fan_in_fan_out")))
+    return deltas
+
+
+# -- the base, as an ordered stream of tensors -----------------------------------------------------------
+@dataclasses.dataclass
+class _BaseTensors:
+    """The base's tensors to write: (shape, dtype) of each by name, and an iterator yielding them in that order."""
+
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    tensors: Iterator[tuple[str, torch.Tensor]]
+    weights_dir: str | None  # where the base's files are, if it has files
+
+
+def _safetensors_files(directory: str) -> list[str] | None:
+    """The safetensors weight files of a HF model directory in shard order, or None if it has none."""
+    index = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
+    return [single] if os.path.isfile(single) else None
+
+
+def _stream_files(files: list[str], skeleton: PreTrainedModel) -> _BaseTensors:
+    """Read safetensors headers now, tensors one at a time later; tied copies (e.g. lm_head) are dropped."""
+    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    keys_by_file: dict[str, list[str]] = {}
+    for path in files:
+        with safe_open(path, framework="pt") as f:
+            keys_by_file[path] = list(f.keys())
+            for key in keys_by_file[path]:
+                tensor_slice = f.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+                if dtype is None:
+                    raise ValueError(
+                        f"Base tensor {key} in {path} has dtype {tensor_slice.get_dtype()}: merge_adapter needs "
+                        "full-precision base weights (a quantized checkpoint cannot be merged into)"
+                    )
+                specs[key] = (tuple(tensor_slice.get_shape()), dtype)
+    for tied, source in skeleton.all_tied_weights_keys.items():
+        if tied in specs and source in specs:
+            del specs[tied]
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for path, keys in keys_by_file.items():
+            # One file open at a time: its memory map (and the pages read from it) goes when it is closed.
+            with safe_open(path, framework="pt") as f:
+                for key in keys:
+                    if key in specs:
+                        yield key, f.get_tensor(key)
+
+    return _BaseTensors(specs, tensors(), os.path.dirname(files[0]))
+
+
+def _stream_model(model: PreTrainedModel) -> _BaseTensors:
+    """The tensors ``save_pretrained`` would write for an in-memory model, under the same names."""
+    state = {k: v for k, v in model.state_dict().items() if k not in (model._keys_to_ignore_on_save or ())}
+    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+    specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+    return _BaseTensors(specs, iter(state.items()), None)
+
+
+def _open_base(name_or_path: str, skeleton: PreTrainedModel, revision: str | None) -> _BaseTensors:
+    """Stream a base from its safetensors files when it has them, else build or load it in memory."""
+    directory = None
+    if os.path.isdir(name_or_path):
+        directory = name_or_path
+    elif not is_builtin(name_or_path):
+        from huggingface_hub import snapshot_download
+
+        directory = snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"])
+    files = _safetensors_files(directory) if directory else None
+    if files:
+        return _stream_files(files, skeleton)
+    # A built-in name (built from its config: that is the base) or a directory of .bin weights only.
+    base = _stream_model(load_base_model(name_or_path, torch.float32, revision))
+    base.weights_dir = directory
+    return base
+
+
+# -- writing ----------------------------------------------------------------------------------------------
+def _write_shards(
+    directory: str,
+    base: _BaseTensors,
+    deltas: dict[str, LoRADelta],
+    dtype: torch.dtype,
+    max_shard_size: int | str,
+    progress: ProgressFn | None,
+) -> int:
+    """Fold ``deltas`` into the base's stream, cast floats to ``dtype``, flush each shard once complete.
+
+    Shards are planned up front from the tensor sizes with huggingface_hub (names, sizes, index), so
+    a shard is written as soon as its last tensor arrives. Returns the number of shards.
+    """
+
+    def out_dtype(spec_dtype: torch.dtype) -> torch.dtype:
+        return dtype if spec_dtype.is_floating_point else spec_dtype
+
+    sizes = {name: math.prod(shape) * out_dtype(dt).itemsize for name, (shape, dt) in base.specs.items()}
+    plan = _plan_shards(sizes, max_shard_size)
+    missing = {f: set(names) for f, names in plan.filename_to_tensors.items()}
+    pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in missing}
+    total, written = sum(sizes.values()), 0
+    for name, tensor in base.tensors:
+        delta = deltas.get(name)
+        merged = delta.merged(tensor) if delta is not None else tensor
+        filename = plan.tensor_to_filename[name]
+        pending[filename][name] = merged.to(out_dtype(tensor.dtype)).contiguous()
+        missing[filename].discard(name)
+        if not missing[filename]:
+            save_file(pending.pop(filename), os.path.join(directory, filename), metadata=_METADATA)
+            written += sum(sizes[n] for n in plan.filename_to_tensors[filename])
+            if progress is not None:
+                progress("merged model", written, total)
+    if pending:
+        raise RuntimeError(f"The base stream ended before these shards were complete: {sorted(pending)}")
+    if plan.is_sharded:
+        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
+        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+    return len(plan.filename_to_tensors)
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> StateDictSplit:
+    """huggingface_hub's shard plan (file names, tensor -> file map, index metadata) for tensors of these sizes."""
+    try:
+        return split_state_dict_into_shards_factory(
+            sizes, get_storage_size=int, filename_pattern=_SHARD_PATTERN, max_shard_size=max_shard_size
+        )
+    except ValueError as err:
+        raise ValueError(
+            f"max_shard_size={max_shard_size!r} is not a size ({err}); pass bytes or a string like '500MB' or '2GB'"
+        ) from err
+
+
+def _check_targets(deltas: dict[str, LoRADelta], base: _BaseTensors, tied: dict[str, str], source: str) -> None:
+    for name, delta in deltas.items():
+        if name in tied:
+            raise ValueError(
+                f"{source} adapts {name}, which this base ties to {tied[name]} (tie_word_embeddings): a merged "
+                "model cannot hold both the adapted and the original weight"
+            )
+        if name not in base.specs:
+            raise ValueError(
+                f"{source} adapts {name}, which the base's weights do not contain: the adapter was trained on "
+                "another architecture, or the base's files name their tensors differently from its modules"
+            )
+        if base.specs[name][0] != delta.shape:
+            raise ValueError(
+                f"{source}: {name} has shape {base.specs[name][0]} in the base, the adapter's update has {delta.shape}"
+            )
+
+
+def _save_metadata(
+    directory: str,
+    name_or_path: str,
+    config: PretrainedConfig,
+    skeleton: PreTrainedModel,
+    dtype: torch.dtype,
+    weights_dir: str | None,
+    revision: str | None,
+) -> None:
+    """config.json (the output dtype), the generation config and, when it can be loaded, the tokenizer."""
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = [type(skeleton).__name__]
+    config.save_pretrained(directory)
+    generation = None
+    if weights_dir and os.path.isfile(os.path.join(weights_dir, "generation_config.json")):
+        generation = GenerationConfig.from_pretrained(weights_dir)
+    elif skeleton.can_generate():
+        generation = skeleton.generation_config
+    if generation is not None:
+        generation.save_pretrained(directory)
+    try:
+        tokenizer = load_tokenizer(name_or_path, revision)
+    except (OSError, ValueError, TypeError) as err:
+        log.warning(
+            "No tokenizer written to %s: the tokenizer of %s cannot be loaded (%s)", directory, name_or_path, err
+        )
+        return
+    # transformers makes an empty tokenizer for a directory without tokenizer files: that is no tokenizer.
+    if not tokenizer.vocab_size:
+        log.warning("No tokenizer written to %s: %s has no tokenizer files", directory, name_or_path)
+        return
+    tokenizer.save_pretrained(directory)
+
+
+def _prepare_output(output_dir: str, overwrite: bool) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"Output {output_dir} exists and is not a directory")
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise FileExistsError(
+            f"Output directory {output_dir} is not empty; pass overwrite=True (--overwrite) to replace it, "
+            "or choose another directory"
+        )
+    os.makedirs(os.path.dirname(output_dir), exist_ok=True)
+
+
+def merge_adapter(
+    uri: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    dtype: str | torch.dtype = "bfloat16",
+    max_shard_size: int | str = "2GB",
+    base_model: str | None = None,
+    *,
+    overwrite: bool = False,
+    root: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    progress: ProgressFn | None = None,
+) -> str:
+    """Write the base model with the checkpoint's LoRA adapter folded in, as a full HF model directory.
+
+    Args:
+        uri: a sampler or training checkpoint: fsspec URI, local path or ``lora://run/kind/name``.
+        output_dir: a local directory for the model; it must be absent or empty unless ``overwrite``.
+        dtype: ``"bfloat16"``, ``"float16"`` or ``"float32"`` (floating tensors are cast once, after folding).
+        max_shard_size: the largest safetensors file, e.g. ``"2GB"`` or bytes; several files get an index.
+        base_model: the base to fold into instead of the one the manifest names (e.g. a local copy of it);
+            its config fingerprint must match the manifest's.
+        overwrite: replace a non-empty ``output_dir``.
+        root: where ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
+        storage_options: fsspec options for the checkpoint's filesystem.
+        progress: called with (label, bytes written, total bytes) after each shard.
+
+    The model is written to a temporary sibling of ``output_dir`` and renamed into place at the end, so a
+    failure never leaves a partial model. Returns the absolute path of ``output_dir``.
+    """
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    elif dtype not in DTYPES.values():
+        raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(DTYPES)}")
+    _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    _prepare_output(output_dir, overwrite)
+    uri = uris.resolve(uri, root)
+    manifest = storage.read_manifest(uri, storage_options)
+    files = storage.read_files(uri, manifest, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], storage_options)
+    checkpoint = decode_checkpoint(manifest, files, uri)
+    adapter_config = checkpoint[LORA_KEY]["adapter_config"]
+    deltas = lora_deltas(checkpoint["state_dict"], adapter_config, uri)
+
+    name_or_path = base_model or manifest.base_model.name_or_path
+    revision = adapter_config.get("revision")
+    config = load_config(name_or_path, revision)
+    manifest.base_model.check_compatible(BaseModelRef(name_or_path, config_fingerprint(config)), uri)
+    if getattr(config, "quantization_config", None):
+        raise ValueError(
+            f"Base model {name_or_path!r} is a quantized checkpoint; merge_adapter folds adapters into "
+            "full-precision weights: pass base_model= a full-precision copy of the same base"
+        )
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    base = _open_base(name_or_path, skeleton, revision)
+    _check_targets(deltas, base, skeleton.all_tied_weights_keys, uri)
+
+    parent, name = os.path.split(output_dir)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        _write_shards(tmp, base, deltas, dtype, max_shard_size, progress)
+        _save_metadata(tmp, name_or_path, config, skeleton, dtype, base.weights_dir, revision)
+        storage.install_dir(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
