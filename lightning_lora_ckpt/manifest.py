@@ -48,10 +48,15 @@ class FileEntry:
 
 @dataclasses.dataclass(frozen=True)
 class BaseModelRef:
-    """The frozen base a checkpoint needs: its HF id, local path or built-in name, and a config fingerprint."""
+    """The frozen base a checkpoint needs: its HF id, local path or built-in name, and a config fingerprint.
+
+    ``quantization`` records how the base was quantized in training (``"nf4"``, ``"int8"`` or None) so
+    loaders rebuild it the same way by default; it is not part of the base's identity.
+    """
 
     name_or_path: str
     fingerprint: str
+    quantization: str | None = None
 
     def check_compatible(self, other: BaseModelRef, checkpoint: str) -> None:
         """Raise ``ValueError`` naming both bases if ``other`` is not the base this checkpoint was trained on."""
@@ -147,6 +152,8 @@ class Manifest:
             manifest.base_model.fingerprint, str
         ):
             raise bad("base_model must hold strings")
+        if not isinstance(manifest.base_model.quantization, (str, type(None))):
+            raise bad("base_model.quantization must be a string or null")
         return manifest
 
 

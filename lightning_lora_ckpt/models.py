@@ -2,7 +2,7 @@
 
 Built-in names build a randomly initialised model from a config with a fixed seed, so the same name
 always gives the same base weights without any download; they share the tokenizer shipped in
-``assets/tokenizer``.
+``assets/tokenizer``. Any base can be loaded quantized with bitsandbytes (``nf4`` or ``int8``, QLoRA).
 """
 
 from __future__ import annotations
@@ -10,15 +10,25 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
 BUILTIN_INIT_SEED = 0
+#: ``quantization`` values of :func:`load_base_model` (and ``LoRAModule``).
+QUANTIZATIONS = ("nf4", "int8")
 
 _TINY = {
     "hidden_size": 64,
@@ -87,16 +97,102 @@ def load_config(name_or_path: str, revision: str | None = None) -> PretrainedCon
 
 
 def load_base_model(
-    name_or_path: str, dtype: torch.dtype | str = torch.float32, revision: str | None = None
+    name_or_path: str,
+    dtype: torch.dtype | str = torch.float32,
+    revision: str | None = None,
+    quantization: str | None = None,
 ) -> PreTrainedModel:
-    """Load (or, for a built-in name, deterministically build) the frozen base causal LM."""
+    """Load (or, for a built-in name, deterministically build) the frozen base causal LM.
+
+    ``quantization`` (``"nf4"`` or ``"int8"``) quantizes every linear layer but the output head with
+    bitsandbytes, on the CPU; ``dtype`` is then the dtype of the other weights and of the 4-bit matmuls.
+    A built-in name quantizes the same weights it gives unquantized, so the quantized base is a
+    deterministic function of (name, dtype, quantization).
+    """
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    bnb_config = quantization_config(quantization, dtype)
     if not is_builtin(name_or_path):
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision)
+        # device_map="cpu": quantize where every base is built; Lightning moves the module to its device.
+        quantized = {"quantization_config": bnb_config, "device_map": "cpu"} if bnb_config else {}
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision, **quantized)
+        return _without_cpu_repacking(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_INIT_SEED)
         model = AutoModelForCausalLM.from_config(load_config(name_or_path), dtype=dtype)
+    if bnb_config is not None:
+        # transformers' own bitsandbytes loading path, fed the built weights instead of a checkpoint's.
+        model = (
+            type(model)
+            .from_pretrained(
+                None,
+                config=model.config,
+                state_dict=model.state_dict(),
+                dtype=dtype,
+                quantization_config=bnb_config,
+                device_map="cpu",
+            )
+            .train()
+        )  # from_pretrained returns eval mode; from_config, like the unquantized build, train mode
     model.config._name_or_path = name_or_path
+    return _without_cpu_repacking(model)
+
+
+def quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """The ``BitsAndBytesConfig`` of a ``quantization`` name: QLoRA's nf4 with double quantization, or LLM.int8()."""
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not supported; use one of {QUANTIZATIONS} or None")
+    require_bitsandbytes(f"quantization={quantization!r}")
+    if quantization == "int8":
+        cast_logger = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _FirstOnly) for f in cast_logger.filters):
+            cast_logger.addFilter(_FirstOnly("MatMul8bitLt: inputs will be cast"))
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def require_bitsandbytes(feature: str) -> Any:
+    """Import bitsandbytes, or explain how to install it for ``feature``."""
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            f"{feature} needs bitsandbytes: pip install 'lightning-lora-ckpt[qlora]' (or bitsandbytes>=0.45)"
+        ) from err
+    return bitsandbytes
+
+
+class _FirstOnly(logging.Filter):
+    """Passes the first record whose message starts with ``prefix`` and drops the rest.
+
+    LLM.int8() logs that it casts inputs to float16 at every matmul of every layer, every step.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _without_cpu_repacking(model: PreTrainedModel) -> PreTrainedModel:
+    # On CPUs with AVX512-BF16, bitsandbytes' Linear4bit repacks its weight in place at the first eval
+    # forward without grad, after which train-mode outputs change and gradients through the layer are
+    # silently wrong: one validation or sampling pass would corrupt training. Keep the one layout.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from . import storage, uris
 from .io import LoRACheckpointIO
 from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .models import config_fingerprint, load_base_model, load_tokenizer
+from .models import config_fingerprint, load_base_model, load_tokenizer, require_bitsandbytes
 from .payload import LORA_KEY, decode_checkpoint
 from .uris import CheckpointType
 
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
 
 # LoRA settings that must match between a checkpoint and the module it is loaded into.
 _LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+# optimizer name -> its class in bitsandbytes.optim (empty for torch's AdamW).
+_OPTIMIZERS = {"adamw": "", "adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
 
 
 def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -47,7 +50,11 @@ class LoRAModule(LightningModule):
         base_model: HF model id, local HF directory, or a built-in name (``tiny-qwen3``, ``tiny-llama``,
             ``qwen3-0.6b-shape``) that is built offline from a config.
         rank, alpha, dropout, target_modules: the PEFT ``LoraConfig`` (``"all-linear"`` by default).
+        quantization: ``"nf4"`` or ``"int8"`` trains on a bitsandbytes-quantized base (QLoRA); checkpoints
+            still name the full-precision base, so the adapter also loads onto it.
         learning_rate, weight_decay, betas, eps: AdamW settings.
+        optimizer: ``"adamw"`` (torch), ``"adamw8bit"`` or ``"paged_adamw8bit"`` (bitsandbytes, 8-bit moments
+            for tensors of at least 4096 elements; paging only on CUDA).
         warmup_steps, lr_schedule: a ``transformers.get_scheduler`` schedule name, stepped every batch.
         seed: seeds the adapter's initialisation (the base of a built-in name is always the same).
         user_metadata: JSON-serialisable dict recorded in every checkpoint's manifest.
@@ -64,10 +71,12 @@ class LoRAModule(LightningModule):
         alpha: float = 32,
         dropout: float = 0.0,
         target_modules: str | list[str] = "all-linear",
+        quantization: str | None = None,
         learning_rate: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        optimizer: str = "adamw",
         warmup_steps: int = 0,
         lr_schedule: str = "constant_with_warmup",
         seed: int = 0,
@@ -82,10 +91,14 @@ class LoRAModule(LightningModule):
         except (TypeError, ValueError) as err:
             raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
         self.user_metadata = dict(user_metadata or {})
-        base = load_base_model(base_model, dtype=dtype, revision=revision)
+        if optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {sorted(_OPTIMIZERS)}")
+        if _OPTIMIZERS[optimizer]:
+            require_bitsandbytes(f"optimizer={optimizer!r}")
+        base = load_base_model(base_model, dtype=dtype, revision=revision, quantization=quantization)
         for p in base.parameters():
             p.requires_grad_(False)
-        self.base_model_ref = BaseModelRef(base_model, config_fingerprint(base.config))
+        self.base_model_ref = BaseModelRef(base_model, config_fingerprint(base.config), quantization)
         lora_config = LoraConfig(
             r=rank,
             lora_alpha=alpha,
@@ -148,7 +161,11 @@ class LoRAModule(LightningModule):
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
+        bnb_class = _OPTIMIZERS[hp.optimizer]
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
+        if bnb_class:
+            optimizer_class = getattr(require_bitsandbytes(f"optimizer={hp.optimizer!r}").optim, bnb_class)
+        optimizer = optimizer_class(
             params, lr=hp.learning_rate, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay
         )
         total = self.trainer.estimated_stepping_batches
@@ -259,8 +276,7 @@ class LoRAModule(LightningModule):
         """
         from .sampling import SamplingClient, snapshot_identity
 
-        frozen = {id(p): p for p in self.model.parameters() if not p.requires_grad}
-        snapshot = copy.deepcopy(self.model, memo=frozen)
+        snapshot = copy.deepcopy(self.model, memo=_frozen_memo(self.model))
         snapshot.requires_grad_(False)
         identity = snapshot_identity(self.adapter_state_dict())
         return SamplingClient(snapshot, self.get_tokenizer(), self.base_model_ref, identity, max_seq_len)
@@ -278,7 +294,8 @@ class LoRAModule(LightningModule):
 
         The optimizer starts fresh and training starts at step 0, unless ``with_optimizer`` (training
         checkpoints only) restores the optimizer moments and LR schedule when the optimizer is created.
-        ``overrides`` replace constructor arguments, e.g. ``learning_rate`` or ``base_model``.
+        ``overrides`` replace constructor arguments, e.g. ``learning_rate`` or ``base_model``; the base is
+        quantized as it was in training unless ``quantization`` says otherwise (None: full precision).
         """
         uri = uris.resolve(uri, root)
         manifest = storage.read_manifest(uri, storage_options)
@@ -290,6 +307,7 @@ class LoRAModule(LightningModule):
         kwargs: dict[str, Any] = {
             **{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")},
             "base_model": manifest.base_model.name_or_path,
+            "quantization": manifest.base_model.quantization,
             "rank": config["r"],
             "alpha": config["lora_alpha"],
             "dropout": config.get("lora_dropout", 0.0),
@@ -301,6 +319,20 @@ class LoRAModule(LightningModule):
         if with_optimizer:
             module._restore_optimizer_from = checkpoint
         return module
+
+
+def _frozen_memo(model: torch.nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that shares the frozen base: its parameters and bitsandbytes' per-layer quantization
+    state (an int8 layer keeps its quantized weight in ``state``, a 4-bit one its scales in ``quant_state``)."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
+    bnb = sys.modules.get("bitsandbytes")  # loaded by any quantized base
+    if bnb is not None:
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                memo[id(module.state)] = module.state
+            elif isinstance(module, bnb.nn.Linear4bit) and module.quant_state is not None:
+                memo[id(module.quant_state)] = module.quant_state
+    return memo
 
 
 def _normalise(value: Any) -> Any:

@@ -86,13 +86,16 @@ class SamplingClient:
         root: str | None = None,
         storage_options: dict[str, Any] | None = None,
         max_seq_len: int | None = None,
+        **overrides: Any,
     ) -> SamplingClient:
         """A client for any sampler or training checkpoint; ``base_model`` overrides the recorded base
-        (which must have the same fingerprint)."""
+        (which must have the same fingerprint). The base is quantized as in training unless ``overrides``
+        say otherwise, e.g. ``quantization=None`` (full precision) or ``dtype="bfloat16"``."""
         from .module import LoRAModule
 
         uri = uris.resolve(uri, root)
-        overrides = {"base_model": base_model} if base_model else {}
+        if base_model:
+            overrides["base_model"] = base_model
         module = LoRAModule.from_checkpoint(uri, storage_options=storage_options, **overrides)
         identity = _checkpoint_identity(uri, storage_options)
         return cls(module.model, module.get_tokenizer(), module.base_model_ref, identity, max_seq_len)
