@@ -16,6 +16,7 @@ import torch
 from conftest import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from peft import PeftModel
 from test_resume import LossRecorder, StopAt, adapter, shuffled_loader
+from transformers import AutoModelForCausalLM
 
 from lightning_lora_ckpt import (
     LoRACheckpointIO,
@@ -24,6 +25,7 @@ from lightning_lora_ckpt import (
     SamplingClient,
     SamplingParams,
     load_base_model,
+    merge_adapter,
 )
 from lightning_lora_ckpt.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from lightning_lora_ckpt.models import config_fingerprint
@@ -187,11 +189,18 @@ def assert_same_state(actual: Any, expected: Any, path: str = "") -> None:
         assert actual == expected, path
 
 
-def test_qlora_checkpoint_is_peft_format_and_loads_on_the_fp_base(trained) -> None:
-    fp_module, io, _ = trained
+@pytest.fixture(scope="module")
+def nf4_sampler(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoRAModule, str]:
+    """A rank-4 adapter trained 2 steps on the nf4 base, and its sampler checkpoint."""
+    io = LoRACheckpointIO(root=str(tmp_path_factory.mktemp("nf4")), run_id="run", async_save=False)
     module = LoRAModule(**MODULE_KWARGS, quantization="nf4")
     make_trainer(io, max_steps=2).fit(module, batch_loader(2))
-    uri = module.save_weights_for_sampler("nf4")
+    return module, module.save_weights_for_sampler("nf4")
+
+
+def test_qlora_checkpoint_is_peft_format_and_loads_on_the_fp_base(nf4_sampler, trained) -> None:
+    module, uri = nf4_sampler
+    fp_module = trained[0]
     manifest = read_manifest(uri)
     assert set(manifest.files) == {ADAPTER_WEIGHTS, ADAPTER_CONFIG}
     assert manifest.base_model.quantization == "nf4"
@@ -210,6 +219,19 @@ def test_qlora_checkpoint_is_peft_format_and_loads_on_the_fp_base(trained) -> No
     assert bnb_layers(on_nf4.model, "nf4") == 14
     expected = adapter(fp_module)
     assert all(torch.equal(expected[k], v) for k, v in adapter(on_nf4).items())
+
+
+def test_merging_a_qlora_checkpoint_folds_it_into_the_fp_base(nf4_sampler, tmp_path: Path) -> None:
+    module, uri = nf4_sampler
+    out = merge_adapter(uri, tmp_path / "merged", dtype="float32")
+    assert "quantization_config" not in json.loads(Path(out, "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert bnb_layers(merged, "nf4") == 0
+    full_precision = LoRAModule.from_checkpoint(uri, quantization=None).eval()
+    with torch.no_grad():
+        logits = merged(input_ids=IDS).logits
+        torch.testing.assert_close(logits, full_precision(IDS), atol=1e-4, rtol=1e-4)
+        assert (logits - module.eval()(IDS)).abs().max() > 0.1  # not the nf4 model's
 
 
 def test_in_memory_snapshot_on_int8_base_shares_it_and_stays_fixed() -> None:
