@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import errno
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -33,6 +36,10 @@ S3_CONFIG_DEFAULTS: dict[str, Any] = {
     "read_timeout": 15,
 }
 _RETRY_ENV = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")  # botocore reads these; an explicit Config would override them
+
+#: Hidden local entries of a write in progress, or what an interrupted one left: ``.<name>.tmp-<uuid>``
+#: (being written) and ``.<name>.deleting-<uuid>`` (being deleted). Readers skip them; ``gc`` sweeps old ones.
+TEMP_ENTRY = re.compile(r"\..+\.(tmp|deleting)-[0-9a-f]{32}")
 
 
 class CheckpointWriteError(OSError):
@@ -58,7 +65,7 @@ def _storage_errors(action: str, uri: str) -> Iterator[None]:
     """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``."""
     try:
         yield
-    except CheckpointWriteError:
+    except (CheckpointWriteError, FileExistsError):
         raise
     except Exception as err:
         raise CheckpointWriteError(
@@ -111,7 +118,7 @@ def commit_checkpoint(
     payload = {**files, MANIFEST: manifest.to_json()}
     with _storage_errors("write checkpoint", uri):
         if is_local(fs):
-            _commit_local(path, payload)
+            _commit_local(path, payload, replace)
         else:
             _delete_remote(fs, path)
             for name, data in payload.items():  # dict order: the manifest goes last
@@ -128,12 +135,7 @@ def write_manifest(uri: str, manifest: Manifest, storage_options: Mapping[str, A
     fs, path = url_to_fs(uri, storage_options)
     data = manifest.to_json()
     if is_local(fs):
-        tmp = join(path, f".{MANIFEST}.tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, join(path, MANIFEST))
+        _replace_local_file(join(path, MANIFEST), data)
         return
     if _is_s3(fs):
         for name in manifest.files:
@@ -149,7 +151,23 @@ def object_tags(uri: str, storage_options: Mapping[str, Any] | None = None) -> d
     return {p.rsplit("/", 1)[-1]: fs.get_tags(p) for p in fs.ls(path, detail=False)}
 
 
-def _commit_local(path: str, payload: Mapping[str, bytes]) -> None:
+def _replace_local_file(path: str, data: bytes) -> None:
+    """Write a local file by writing and fsyncing a hidden sibling and renaming it over ``path``."""
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _commit_local(path: str, payload: Mapping[str, bytes], replace: bool) -> None:
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -161,20 +179,59 @@ def _commit_local(path: str, payload: Mapping[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        install_dir(tmp, path)
+        if replace or not _rename_if_free(tmp, path):
+            install_dir(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             _remove_local(tmp)
         raise
 
 
+def _rename_if_free(tmp: str, path: str) -> bool:
+    """Rename ``tmp`` to ``path`` unless a non-empty directory is there (one atomic check-and-rename).
+
+    Returns False for a leftover without a manifest at ``path``; a committed checkpoint there (one saved
+    concurrently since the caller checked) is a ``FileExistsError``.
+    """
+    try:
+        os.rename(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise FileExistsError(
+                f"A checkpoint was saved at {path} by another writer while this one was being written; "
+                "save under another name, or pass overwrite=True to replace it"
+            ) from None
+        return False
+    _fsync_dir(os.path.dirname(path))
+    return True
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None) if _LIBC else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV):  # no such call, or not on this filesystem
+        return False
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
 def install_dir(tmp: str, path: str) -> None:
     """Rename the finished local directory ``tmp`` to ``path``.
 
-    Whatever is at ``path`` (a leftover, or what is being replaced) is first swapped out, then deleted
-    once the new directory is in place.
+    Whatever is at ``path`` (a leftover, or what is being replaced) is swapped out in the same atomic step
+    where the kernel can (Linux ``RENAME_EXCHANGE``), else renamed away just before; then it is deleted.
     """
     parent, name = os.path.split(path)
+    if os.path.exists(path) and _exchange(tmp, path):
+        _fsync_dir(parent)
+        LocalFileSystem().rm(tmp, recursive=True)  # now holds what was replaced
+        return
     previous = None
     if os.path.exists(path):
         previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
@@ -189,6 +246,10 @@ def _remove_local(path: str) -> None:
     trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
     os.rename(path, trash)  # atomic: the directory vanishes from listings before its files do
     LocalFileSystem().rm(trash, recursive=True)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def _fsync_dir(path: str) -> None:
@@ -294,4 +355,7 @@ def write_json_if_absent(uri: str, data: bytes, storage_options: Mapping[str, An
         if fs.exists(path):
             return
         fs.makedirs(fs._parent(path), exist_ok=True)
-        fs.pipe_file(path, data)
+        if is_local(fs):  # a process killed mid-write must not leave a truncated run.json
+            _replace_local_file(path, data)
+        else:
+            fs.pipe_file(path, data)
