@@ -266,3 +266,24 @@ def test_nf4_on_cuda_resumes_exactly_in_new_process(tmp_path: Path, monkeypatch:
     client = SamplingClient.from_checkpoint(end)
     client.model.cuda()
     assert len(client.sample("hello", SamplingParams(max_tokens=4, temperature=0)).sequences[0].tokens) == 4
+
+
+@pytest.mark.slow
+def test_example_config_trains_qlora(tmp_path: Path) -> None:
+    repo = Path(__file__).parents[1]
+    config = (repo / "examples" / "qlora.yaml").read_text()
+    config = config.replace("root: ./checkpoints", f"root: {tmp_path}").replace(
+        "examples/data/", f"{repo}/examples/data/"
+    )
+    (tmp_path / "qlora.yaml").write_text(config)
+    command = [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", str(tmp_path / "qlora.yaml")]
+    short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=4"]
+    out = subprocess.run([*command, *short], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    checkpoint = LoRACheckpointIO(root=str(tmp_path)).load_checkpoint("lora://qlora/weights/final")
+    assert checkpoint["lora_ckpt"]["base_model"]["quantization"] == "nf4"
+    assert checkpoint["hyper_parameters"]["optimizer"] == "adamw8bit"
+    moments = [
+        s["__bnb_optimizer_quant_state__"]["state1"] for s in checkpoint["optimizer_states"][0]["state"].values()
+    ]
+    assert torch.uint8 in {m.dtype for m in moments}
