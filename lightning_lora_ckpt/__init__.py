@@ -15,6 +15,7 @@ _EXPORTS = {
     "Checkpoint": "records",
     "CheckpointConflictError": "store",
     "CheckpointTTL": "callbacks",
+    "CheckpointWriteError": "storage",
     "CheckpointFormatError": "manifest",
     "CheckpointStore": "store",
     "HubPublishError": "hub",
@@ -41,6 +42,7 @@ __all__ = [
     "CheckpointFormatError",
     "CheckpointStore",
     "CheckpointTTL",
+    "CheckpointWriteError",
     "HubPublishError",
     "HubPublisher",
     "JSONLDataModule",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from .records import Checkpoint, TrainingRun
     from .sampling import SamplingClient, SamplingParams
     from .state_codec import StateEncodingError
+    from .storage import CheckpointWriteError
     from .store import CheckpointConflictError, CheckpointStore, extract_archive
     from .strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
@@ -17,7 +18,11 @@ from . import storage, uris
 from .manifest import MANIFEST, Manifest, utcnow
 from .payload import CheckpointPayload, decode_checkpoint, snapshot_checkpoint, versions
 from .records import RUN_FILE, TrainingRun
+from .storage import CheckpointWriteError
 from .uris import CheckpointType
+
+log = logging.getLogger(__name__)
+OnError = Literal["raise", "warn"]
 
 
 class LoRACheckpointIO(CheckpointIO):
@@ -28,7 +33,14 @@ class LoRACheckpointIO(CheckpointIO):
         run_id: the run bare names are saved under (a fresh ``run-<time>-<hex>`` id if None).
         async_save: snapshot tensors to CPU on the training thread and write in a background thread;
             saves commit in order, errors surface at the next save or at the end of fit.
-        storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint).
+        storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint; on
+            ``s3://`` the retry and timeout settings of ``config_kwargs`` default to
+            ``storage.S3_CONFIG_DEFAULTS``).
+        on_error: what a save or deletion does when the storage keeps failing after its retries
+            (:class:`~lightning_lora_ckpt.storage.CheckpointWriteError`): ``"raise"`` (at once when
+            synchronous, else at the next save or the end of fit), or ``"warn"``: log a warning and
+            keep training. Either way the failed checkpoint is never visible, and a deletion queued
+            after a failed save (a rolling or ``keep_last`` one) is skipped, so older ones stay.
 
     ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
     "overwrite": True}``; without ``overwrite`` saving over a committed checkpoint is an error.
@@ -40,11 +52,15 @@ class LoRACheckpointIO(CheckpointIO):
         run_id: str | None = None,
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
+        on_error: OnError = "raise",
     ) -> None:
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
         self.root = uris.default_root(root)
         self.run_id = uris.validate_name(run_id, "run id") if run_id else None
         self.async_save = async_save
         self.storage_options = dict(storage_options or {})
+        self.on_error = on_error
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future[Any]] = []
         self._write_failed = False
@@ -66,6 +82,8 @@ class LoRACheckpointIO(CheckpointIO):
     def resolve_existing(self, path: _PATH) -> str:
         """The URI of an existing checkpoint: a bare name is looked up under ``weights/``, then ``sampler_weights/``."""
         candidates = [self.resolve(path, t) for t in ("training", "sampler")]
+        if candidates[0] == candidates[1]:  # a full URI: nothing to look up
+            return candidates[0]
         for uri in candidates:
             fs, fs_path = storage.url_to_fs(uri, self.storage_options)
             if fs.exists(uris.join(fs_path, MANIFEST)):
@@ -93,7 +111,7 @@ class LoRACheckpointIO(CheckpointIO):
                 f"{layout[2]} checkpoints; save under {uris.TYPE_DIRS[payload.checkpoint_type]}/ instead"
             )
         payload.user_metadata.update(extra_metadata)
-        self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite))
+        self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite), is_save=True)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
@@ -108,15 +126,19 @@ class LoRACheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: _PATH) -> None:
         """Delete a whole checkpoint directory, after every write queued before it has committed.
 
-        If any of those writes failed the deletion is skipped: the checkpoint it would replace stays.
+        If the save queued last before it failed, the deletion is skipped: the checkpoint it would
+        replace stays.
         """
-        uri = self.resolve_existing(path)
 
         def delete() -> None:
-            if not self._write_failed:
-                storage.delete_checkpoint(uri, self.storage_options)
+            if self._write_failed:
+                log.warning("Not deleting checkpoint %s: the save before it failed", os.fspath(path))
+                return
+            with storage.storage_errors("delete checkpoint", os.fspath(path)):
+                uri = self.resolve_existing(path)  # here, so the lookup sees every earlier queued save
+            storage.delete_checkpoint(uri, self.storage_options)
 
-        self._submit(delete)
+        self._submit(delete, is_save=False)
 
     def teardown(self) -> None:
         """Wait for every pending write; raise the first error."""
@@ -142,20 +164,29 @@ class LoRACheckpointIO(CheckpointIO):
                 failed[0].exception()
             )
 
-    def _submit(self, job: Callable[[], Any]) -> None:
+    def _submit(self, job: Callable[[], Any], is_save: bool) -> None:
         if not self.async_save:
-            self._run(job)
+            self._run(job, is_save)
             return
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-writer")
-        self._pending.append(self._executor.submit(self._run, job))
+        self._pending.append(self._executor.submit(self._run, job, is_save))
 
-    def _run(self, job: Callable[[], Any]) -> Any:
+    def _run(self, job: Callable[[], Any], is_save: bool) -> Any:
         try:
-            return job()
+            result = job()
+        except CheckpointWriteError as err:
+            self._write_failed = self._write_failed or is_save
+            if self.on_error == "raise":
+                raise
+            log.warning("%s; training continues (LoRACheckpointIO on_error='warn')", err)
+            return None
         except BaseException:
-            self._write_failed = True
+            self._write_failed = self._write_failed or is_save
             raise
+        if is_save:
+            self._write_failed = False
+        return result
 
     def _write(self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool) -> Manifest:
         created = utcnow()
@@ -171,7 +202,10 @@ class LoRACheckpointIO(CheckpointIO):
                 created_at=created,
                 user_metadata=payload.user_metadata,
             )
-            storage.write_json_if_absent(uris.join(layout[0], run_id, RUN_FILE), run.to_json(), self.storage_options)
+            with storage.storage_errors("write checkpoint", uri):  # run.json is part of a run's first save
+                storage.write_json_if_absent(
+                    uris.join(layout[0], run_id, RUN_FILE), run.to_json(), self.storage_options
+                )
 
         def make_manifest(files: dict[str, Any]) -> Manifest:
             return Manifest(

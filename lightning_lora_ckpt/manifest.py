@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +32,9 @@ FILES: dict[CheckpointType, tuple[str, ...]] = {
     "training": (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_TENSORS, STATE_JSON),
 }
 MAX_MANIFEST_BYTES = 1 << 20
+#: Size caps for the JSON files of a checkpoint, far above any real one: a manifest listing more is refused.
+MAX_FILE_BYTES = {ADAPTER_CONFIG: 1 << 20, STATE_JSON: 64 << 20}
+_REQUIRED: Any = object()
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -109,45 +113,44 @@ class Manifest:
         def bad(why: str) -> CheckpointFormatError:
             return CheckpointFormatError(f"Invalid checkpoint manifest {source}: {why}")
 
-        if len(raw) > MAX_MANIFEST_BYTES:
-            raise bad(f"larger than {MAX_MANIFEST_BYTES} bytes")
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as err:
-            raise bad(f"not JSON ({err})") from err
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = load_json_object(raw, MAX_MANIFEST_BYTES, f"Invalid checkpoint manifest {source}")
+        if data.get("format") != FORMAT:
             raise bad(f"'format' is not {FORMAT!r}")
         if data.get("format_version") != FORMAT_VERSION:
             raise bad(f"unsupported format_version {data.get('format_version')!r}; upgrade lightning-lora-ckpt")
-        try:
-            ctype = data["checkpoint_type"]
-            if ctype not in FILES:
-                raise bad(f"unknown checkpoint_type {ctype!r}")
-            files = {str(k): FileEntry(**v) for k, v in data["files"].items()}
-            if set(files) != set(FILES[ctype]):
-                raise bad(f"a {ctype} checkpoint must list exactly {sorted(FILES[ctype])}, got {sorted(files)}")
-            for fname, entry in files.items():
-                if type(entry.size) is not int or entry.size < 0 or not _SHA256.fullmatch(str(entry.sha256)):
-                    raise bad(f"bad size or sha256 for {fname}")
-            manifest = cls(
-                checkpoint_type=ctype,
-                run_id=validate_name(data["run_id"], "run id"),
-                name=validate_name(data["name"], "checkpoint name"),
-                created_at=parse_time(data["created_at"]),
-                step=_int(data["step"]),
-                epoch=_int(data["epoch"]),
-                base_model=BaseModelRef(**data["base_model"]),
-                lora_rank=_int(data["lora_rank"]),
-                files=files,
-                expires_at=parse_time(data["expires_at"]) if data.get("expires_at") else None,
-                public=bool(data.get("public", False)),
-                user_metadata=dict(data.get("user_metadata") or {}),
-                versions=dict(data.get("versions") or {}),
-            )
-        except CheckpointFormatError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise bad(f"{type(err).__name__}: {err}") from err
+
+        def field(key: str, parse: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+            if key not in data or (default is not _REQUIRED and data[key] is None):
+                if default is _REQUIRED:
+                    raise bad(f"missing key {key!r}")
+                return default
+            try:
+                return parse(data[key])
+            except (TypeError, ValueError, OverflowError, AttributeError) as err:
+                raise bad(f"key {key!r}: {err}") from err
+
+        ctype = field("checkpoint_type", _checkpoint_type)
+        files = field("files", _files)
+        if set(files) != set(FILES[ctype]):
+            raise bad(f"a {ctype} checkpoint must list exactly {sorted(FILES[ctype])}, got {sorted(files)[:10]}")
+        for fname, entry in files.items():
+            if entry.size > MAX_FILE_BYTES.get(fname, entry.size):
+                raise bad(f"{fname} is listed with {entry.size} bytes, more than the {MAX_FILE_BYTES[fname]} allowed")
+        manifest = cls(
+            checkpoint_type=ctype,
+            run_id=field("run_id", lambda v: validate_name(v, "run id")),
+            name=field("name", lambda v: validate_name(v, "checkpoint name")),
+            created_at=field("created_at", parse_time),
+            step=field("step", _count),
+            epoch=field("epoch", _count),
+            base_model=field("base_model", lambda v: BaseModelRef(**_expect(v, dict))),
+            lora_rank=field("lora_rank", _count),
+            files=files,
+            expires_at=field("expires_at", parse_time, None),
+            public=field("public", lambda v: _expect(v, bool), False),
+            user_metadata=field("user_metadata", lambda v: _expect(v, dict), {}),
+            versions=field("versions", _versions, {}),
+        )
         if not isinstance(manifest.base_model.name_or_path, str) or not isinstance(
             manifest.base_model.fingerprint, str
         ):
@@ -155,6 +158,22 @@ class Manifest:
         if not isinstance(manifest.base_model.quantization, (str, type(None))):
             raise bad("base_model.quantization must be a string or null")
         return manifest
+
+
+def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
+    """Parse ``raw`` as a JSON object, refusing more than ``limit`` bytes before parsing.
+
+    Raises :class:`CheckpointFormatError` starting with ``source`` for anything else.
+    """
+    if len(raw) > limit:
+        raise CheckpointFormatError(f"{source}: larger than {limit} bytes, far more than a valid one; refusing it")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointFormatError(f"{source}: not JSON ({str(err)[:200]})") from err
+    if not isinstance(data, dict):
+        raise CheckpointFormatError(f"{source}: must hold a JSON object, not {type(data).__name__}")
+    return data
 
 
 def sha256_hex(data: bytes) -> str:
@@ -170,11 +189,41 @@ def iso_time(t: datetime) -> str:
 
 
 def parse_time(value: Any) -> datetime:
-    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    """An ISO-8601 time as an aware UTC datetime (naive times are taken as UTC)."""
+    t = datetime.fromisoformat(_expect(value, str).replace("Z", "+00:00"))
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
-def _int(value: Any) -> int:
-    if type(value) is not int:
-        raise TypeError(f"expected an integer, got {value!r}")
+def _expect(value: Any, typ: type) -> Any:
+    if type(value) is not typ:
+        raise TypeError(f"expected {typ.__name__}, got {str(value)[:100]!r}")
+    return value
+
+
+def _count(value: Any) -> int:
+    if _expect(value, int) < 0:
+        raise ValueError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _checkpoint_type(value: Any) -> CheckpointType:
+    if value not in ("training", "sampler"):
+        raise ValueError(f"unknown checkpoint_type {str(value)[:100]!r}, expected 'training' or 'sampler'")
+    return value
+
+
+def _files(value: Any) -> dict[str, FileEntry]:
+    files = {}
+    for name, entry in _expect(value, dict).items():
+        if set(_expect(entry, dict)) != {"size", "sha256"}:
+            raise ValueError(f"the entry of {name[:100]!r} must hold exactly 'size' and 'sha256'")
+        if type(entry["size"]) is not int or entry["size"] < 1 or not _SHA256.fullmatch(str(entry["sha256"])):
+            raise ValueError(f"bad size or sha256 for {name[:100]!r} (no file of a checkpoint is empty)")
+        files[name] = FileEntry(entry["size"], entry["sha256"])
+    return files
+
+
+def _versions(value: Any) -> dict[str, str]:
+    if not all(type(v) is str for v in _expect(value, dict).values()):
+        raise TypeError("versions must map names to strings")
     return value

@@ -21,13 +21,15 @@ from . import __version__
 from .manifest import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    MAX_FILE_BYTES,
     STATE_JSON,
     STATE_TENSORS,
     BaseModelRef,
     CheckpointFormatError,
     Manifest,
+    load_json_object,
 )
-from .state_codec import decode_state, encode_state, snapshot_tensor
+from .state_codec import decode_training_state, encode_state, snapshot_tensor
 from .uris import CheckpointType
 
 LORA_KEY = "lora_ckpt"
@@ -103,7 +105,14 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
     """Rebuild the Lightning checkpoint dict from verified file contents."""
     try:
         adapter = safetensors.torch.load(files[ADAPTER_WEIGHTS])
-        adapter_config = json.loads(files[ADAPTER_CONFIG])
+        adapter_config = load_json_object(
+            files[ADAPTER_CONFIG], MAX_FILE_BYTES[ADAPTER_CONFIG], f"{source}/{ADAPTER_CONFIG}"
+        )
+        if adapter_config.get("r") != manifest.lora_rank:
+            raise CheckpointFormatError(
+                f"Checkpoint {source}: 'r' in {ADAPTER_CONFIG} is {str(adapter_config.get('r'))[:50]}, "
+                f"the manifest's lora_rank is {manifest.lora_rank}"
+            )
         checkpoint: dict[str, Any] = {
             "epoch": manifest.epoch,
             "global_step": manifest.step,
@@ -111,7 +120,7 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
         }
         if STATE_TENSORS in files:  # absent when only the adapter was read
             tensors = safetensors.torch.load(files[STATE_TENSORS])
-            checkpoint.update(decode_state(json.loads(files[STATE_JSON]), tensors))
+            checkpoint.update(decode_training_state(files[STATE_JSON], tensors, f"{source}/{STATE_JSON}"))
     except CheckpointFormatError:
         raise
     except (ValueError, KeyError, RecursionError, safetensors.SafetensorError) as err:

@@ -16,8 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .manifest import MAX_FILE_BYTES, STATE_JSON, CheckpointFormatError, load_json_object
+
 _TAG = "__lora_ckpt__"
 _TAGS = ("tensor", "ndarray", "tuple", "map", "bytes", "float", "dtype", "path")
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 
 
 class StateEncodingError(TypeError):
@@ -84,51 +87,80 @@ def encode_state(obj: Any, copy_tensors: bool = True) -> tuple[Any, dict[str, to
     return enc(obj, ""), tensors
 
 
-def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """Invert :func:`encode_state`. Raises ``ValueError`` on malformed or inconsistent input."""
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor], source: str = "training state") -> Any:
+    """Invert :func:`encode_state`.
 
-    def dec(value: Any) -> Any:
+    Raises :class:`CheckpointFormatError` (a ``ValueError``) naming ``source`` and the key path of
+    malformed or inconsistent input; nothing in ``tree`` is ever executed or imported.
+    """
+
+    def bad(path: str, why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"Invalid {source} at key {path[:200] or '<root>'!r}: {why[:300]}")
+
+    def expect(payload: Any, typ: type, kind: str, path: str) -> Any:
+        if not isinstance(payload, typ):
+            raise bad(path, f"a {kind!r} value must hold a {typ.__name__}")
+        return payload
+
+    def dec(value: Any, path: str) -> Any:
         if isinstance(value, list):
-            return [dec(v) for v in value]
+            return [dec(v, f"{path}.{i}") for i, v in enumerate(value)]
         if not isinstance(value, dict):
             return value
         if _TAG not in value:
-            return {k: dec(v) for k, v in value.items()}
+            return {k: dec(v, f"{path}.{k}" if path else k) for k, v in value.items()}
         kind, payload = value.get(_TAG), value.get("v")
         if kind not in _TAGS or set(value) != {_TAG, "v"}:
-            raise ValueError(f"Malformed tagged value in training state: {str(value)[:200]}")
+            raise bad(path, f"malformed tagged value {str(value)[:200]}")
         if kind in ("tensor", "ndarray"):
             if not isinstance(payload, str) or payload not in tensors:
-                raise ValueError(f"Training state refers to tensor {payload!r}, which is not in the tensor file")
-            return tensors[payload] if kind == "tensor" else tensors[payload].numpy()
+                raise bad(path, f"refers to tensor {str(payload)[:100]!r}, which is not in the tensor file")
+            if kind == "tensor":
+                return tensors[payload]
+            try:
+                return tensors[payload].numpy()
+            except (TypeError, RuntimeError) as err:  # e.g. bfloat16, which numpy lacks
+                raise bad(path, f"tensor {payload!r} cannot be an ndarray: {err}") from err
         if kind == "tuple":
-            return tuple(dec(v) for v in _expect(payload, list, kind))
+            return tuple(dec(v, f"{path}.{i}") for i, v in enumerate(expect(payload, list, kind, path)))
         if kind == "map":
-            return {_hashable(dec(k)): dec(v) for k, v in _expect(payload, list, kind)}
+            out = {}
+            for item in expect(payload, list, kind, path):
+                if not isinstance(item, list) or len(item) != 2:
+                    raise bad(path, "a 'map' entry must be a [key, value] pair")
+                key = dec(item[0], f"{path}.<key>")
+                try:
+                    hash(key)
+                except TypeError:
+                    raise bad(path, f"unhashable dict key {str(key)[:100]}") from None
+                out[key] = dec(item[1], f"{path}.{key}")
+            return out
         if kind == "bytes":
-            return base64.b64decode(_expect(payload, str, kind), validate=True)
+            try:
+                return base64.b64decode(expect(payload, str, kind, path), validate=True)
+            except ValueError as err:
+                raise bad(path, f"bad base64: {err}") from err
         if kind == "float":
-            return float(_expect(payload, str, kind))
+            try:
+                return float(expect(payload, str, kind, path))
+            except ValueError as err:
+                raise bad(path, str(err)) from err
         if kind == "dtype":
-            dtype = getattr(torch, _expect(payload, str, kind), None)
-            if not isinstance(dtype, torch.dtype):
-                raise ValueError(f"Unknown dtype {payload!r} in training state")
+            dtype = _DTYPES.get(expect(payload, str, kind, path))
+            if dtype is None:
+                raise bad(path, f"unknown dtype {payload[:100]!r}")
             return dtype
-        return pathlib.Path(_expect(payload, str, kind))
+        return pathlib.Path(expect(payload, str, kind, path))
 
     try:
-        return dec(tree)
+        return dec(tree, "")
     except RecursionError as err:
-        raise ValueError("Training state is nested too deeply") from err
+        raise CheckpointFormatError(f"Invalid {source}: nested too deeply") from err
 
 
-def _expect(payload: Any, typ: type, kind: str) -> Any:
-    if not isinstance(payload, typ):
-        raise ValueError(f"Malformed {kind!r} value in training state: expected {typ.__name__}")
-    return payload
+def decode_training_state(raw: bytes, tensors: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
+    """Parse the content of ``training_state.json`` and decode it with its tensors.
 
-
-def _hashable(key: Any) -> Any:
-    if isinstance(key, (dict, list)):
-        raise ValueError(f"Unhashable dict key in training state: {str(key)[:200]}")
-    return key
+    Anything malformed, or larger than the size cap, raises :class:`CheckpointFormatError` naming ``source``.
+    """
+    return decode_state(load_json_object(raw, MAX_FILE_BYTES[STATE_JSON], source), tensors, source)

@@ -61,7 +61,7 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
 
 @contextlib.contextmanager
-def _storage_errors(action: str, uri: str) -> Iterator[None]:
+def storage_errors(action: str, uri: str) -> Iterator[None]:
     """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``."""
     try:
         yield
@@ -110,13 +110,13 @@ def commit_checkpoint(
     upload. Leftovers of an interrupted save at ``uri`` are always replaced.
     """
     fs, path = url_to_fs(uri, storage_options)
-    with _storage_errors("write checkpoint", uri):
+    with storage_errors("write checkpoint", uri):
         exists = fs.exists(join(path, MANIFEST))
     if exists and not replace:
         raise FileExistsError(f"A checkpoint already exists at {uri}; delete it first or save under another name")
     manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in files.items()})
     payload = {**files, MANIFEST: manifest.to_json()}
-    with _storage_errors("write checkpoint", uri):
+    with storage_errors("write checkpoint", uri):
         if is_local(fs):
             _commit_local(path, payload, replace)
         else:
@@ -333,7 +333,7 @@ def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str)
 def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Delete the checkpoint directory at ``uri``: first its manifest (so it stops being visible), then the rest."""
     fs, path = url_to_fs(uri, storage_options)
-    with _storage_errors("delete checkpoint", uri):
+    with storage_errors("delete checkpoint", uri):
         if is_local(fs):
             if os.path.exists(path):
                 _remove_local(path)
@@ -351,11 +351,10 @@ def _delete_remote(fs: fsspec.AbstractFileSystem, path: str) -> None:
 def write_json_if_absent(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:
     """Write a small JSON document (``run.json``) unless one already exists there."""
     fs, path = url_to_fs(uri, storage_options)
-    with _storage_errors("write run metadata", uri):
-        if fs.exists(path):
-            return
-        fs.makedirs(fs._parent(path), exist_ok=True)
-        if is_local(fs):  # a process killed mid-write must not leave a truncated run.json
-            _replace_local_file(path, data)
-        else:
-            fs.pipe_file(path, data)
+    if fs.exists(path):
+        return
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    if is_local(fs):  # a process killed mid-write must not leave a truncated run.json
+        _replace_local_file(path, data)
+    else:
+        fs.pipe_file(path, data)
