@@ -10,11 +10,12 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# torch is named again with the package: pip 26 otherwise swaps the CPU build for the newest (CUDA) release.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev]" "$(TORCH_SPEC)"
 	touch $(STAMP)
 
 # The main job: fine-tune, resume from the last training checkpoint, list what was written.
