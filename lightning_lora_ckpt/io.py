@@ -94,7 +94,7 @@ class LoRACheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         self._raise_failed()
         ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
-        payload = snapshot_checkpoint(checkpoint)
+        payload = snapshot_checkpoint(checkpoint, copy_tensors=self.async_save)
         uri = self.resolve(path, payload.checkpoint_type)
         layout = uris.split_checkpoint_uri(uri)
         if not layout:

@@ -66,8 +66,13 @@ class CheckpointPayload:
         return files
 
 
-def snapshot_checkpoint(checkpoint: dict[str, Any]) -> CheckpointPayload:
-    """Copy a Lightning checkpoint dict into a :class:`CheckpointPayload` (tensors copied to CPU)."""
+def snapshot_checkpoint(checkpoint: dict[str, Any], copy_tensors: bool = True) -> CheckpointPayload:
+    """Turn a Lightning checkpoint dict into a :class:`CheckpointPayload` holding CPU tensors.
+
+    ``copy_tensors`` copies every tensor, so training may go on while the payload is written (asynchronous
+    saves). A synchronous save, written before training resumes, passes False: tensors already on the CPU
+    and contiguous are then used as they are, which spares one copy of the adapter and optimizer state.
+    """
     rest = dict(checkpoint)
     try:
         lora = rest.pop(LORA_KEY)
@@ -76,7 +81,8 @@ def snapshot_checkpoint(checkpoint: dict[str, Any]) -> CheckpointPayload:
             f"The checkpoint has no {LORA_KEY!r} entry: LoRACheckpointIO saves LoRAModule checkpoints; "
             "use lightning_lora_ckpt.LoRAModule as the LightningModule"
         ) from None
-    adapter = {k: snapshot_tensor(v) for k, v in rest.pop("state_dict").items()}
+    adapter = rest.pop("state_dict")
+    adapter = {k: snapshot_tensor(v) for k, v in adapter.items()} if copy_tensors else _on_cpu(adapter)
     checkpoint_type: CheckpointType = "training" if "optimizer_states" in rest else "sampler"
     payload = CheckpointPayload(
         checkpoint_type=checkpoint_type,
@@ -88,8 +94,27 @@ def snapshot_checkpoint(checkpoint: dict[str, Any]) -> CheckpointPayload:
         epoch=int(rest.get("epoch", 0)),
     )
     if checkpoint_type == "training":
-        payload.state_tree, payload.state_tensors = encode_state(rest)
+        payload.state_tree, tensors = encode_state(rest, copy_tensors=copy_tensors)
+        payload.state_tensors = tensors if copy_tensors else _on_cpu(tensors)
     return payload
+
+
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, copied only where needed.
+
+    A tensor whose memory an earlier one already uses (the same tensor held twice in the state, e.g. a
+    callback's best score) is copied: safetensors refuses to write shared memory.
+    """
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            tensor = tensor.clone()
+        seen.add(pointer)
+        out[key] = tensor
+    return out
 
 
 def versions() -> dict[str, str]:
@@ -104,7 +129,7 @@ def versions() -> dict[str, str]:
 def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) -> dict[str, Any]:
     """Rebuild the Lightning checkpoint dict from verified file contents."""
     try:
-        adapter = safetensors.torch.load(files[ADAPTER_WEIGHTS])
+        adapter = _load_tensors(files[ADAPTER_WEIGHTS], f"{source}/{ADAPTER_WEIGHTS}")
         adapter_config = load_json_object(
             files[ADAPTER_CONFIG], MAX_FILE_BYTES[ADAPTER_CONFIG], f"{source}/{ADAPTER_CONFIG}"
         )
@@ -119,11 +144,11 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
             "pytorch-lightning_version": manifest.versions.get("lightning", lightning.__version__),
         }
         if STATE_TENSORS in files:  # absent when only the adapter was read
-            tensors = safetensors.torch.load(files[STATE_TENSORS])
+            tensors = _load_tensors(files[STATE_TENSORS], f"{source}/{STATE_TENSORS}")
             checkpoint.update(decode_training_state(files[STATE_JSON], tensors, f"{source}/{STATE_JSON}"))
     except CheckpointFormatError:
         raise
-    except (ValueError, KeyError, RecursionError, safetensors.SafetensorError) as err:
+    except (ValueError, KeyError, RecursionError) as err:
         raise CheckpointFormatError(f"Checkpoint {source} cannot be decoded: {err}") from err
     checkpoint["state_dict"] = adapter
     checkpoint[LORA_KEY] = {
@@ -133,3 +158,11 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
         "source": source,
     }
     return checkpoint
+
+
+def _load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (never a pickle); ``CheckpointFormatError`` naming ``source`` if it is not one."""
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, TypeError) as err:
+        raise CheckpointFormatError(f"{source} is not a valid safetensors file: {err}") from err
