@@ -13,6 +13,7 @@ is always folded into those full-precision weights (a merged model is never quan
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -20,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -74,6 +76,7 @@ _METADATA = {"format": "pt"}
 _SHARD_PATTERN = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
 
 ProgressFn = Callable[[str, int, int], None]
+_MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,8 +96,11 @@ class LoRADelta:
 
     def merged(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight + delta`` in float32 (a new tensor: ``weight`` is never modified)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scale
-        return weight.float() + (delta.T if self.fan_in_fan_out else delta)
+        out = weight.to(torch.float32, copy=True)
+        lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
+        if self.fan_in_fan_out:  # (B @ A).T == A.T @ B.T
+            return out.addmm_(lora_A.T, lora_B.T, alpha=self.scale)
+        return out.addmm_(lora_B, lora_A, alpha=self.scale)
 
 
 def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any], source: str) -> dict[str, LoRADelta]:
@@ -184,11 +190,14 @@ def _stream_files(files: list[str], skeleton: PreTrainedModel) -> _BaseTensors:
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for path, keys in keys_by_file.items():
-            # One file open at a time: its memory map (and the pages read from it) goes when it is closed.
-            with safe_open(path, framework="pt") as f:
-                for key in keys:
-                    if key in specs:
-                        yield key, f.get_tensor(key)
+            for key in keys:
+                if key in specs:
+                    # A tensor is a view of a memory map of its whole file, which stays resident (pages read)
+                    # as long as any tensor of that map lives: one map per tensor keeps only live tensors'
+                    # pages in memory, not the whole input shard. Opening costs a header read.
+                    with safe_open(path, framework="pt") as f:
+                        tensor = f.get_tensor(key)
+                    yield key, tensor
 
     return _BaseTensors(specs, tensors(), os.path.dirname(files[0]))
 
@@ -250,6 +259,7 @@ def _write_shards(
         missing[filename].discard(name)
         if not missing[filename]:
             save_file(pending.pop(filename), os.path.join(directory, filename), metadata=_METADATA)
+            _release_freed_memory()
             written += sum(sizes[n] for n in plan.filename_to_tensors[filename])
             if progress is not None:
                 progress("merged model", written, total)
@@ -260,6 +270,17 @@ def _write_shards(
         with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
             json.dump(index, f, indent=2, sort_keys=True)
     return len(plan.filename_to_tensors)
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory of a flushed shard back to the OS.
+
+    glibc keeps freed heap chunks of the sizes tensors have (below its adaptive mmap threshold) for
+    reuse, fragmented between live tensors: without a trim each shard's memory would stay in the
+    process and the peak would grow shard by shard instead of staying at about one shard.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def _plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> StateDictSplit:
