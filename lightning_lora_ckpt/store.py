@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import shutil
 import tarfile
 import tempfile
+import time
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -23,6 +27,12 @@ from .uris import KIND_DIRS, CheckpointType
 
 #: Called with (file name, bytes done, bytes total) while downloading.
 Progress = Callable[[str, int, int], None]
+
+#: How old the newest file of an interrupted write must be before ``gc`` removes it: far longer than any
+#: live save goes without creating or finishing a file.
+INCOMPLETE_AFTER = "1d"
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointConflictError(RuntimeError):
@@ -85,8 +95,8 @@ class CheckpointStore:
     def list_runs(self) -> list[TrainingRun]:
         """Every run under the root (a folder with a ``run.json``), oldest first."""
         runs = []
-        for run_id in self._names():
-            if run_id.startswith(".") or RUN_FILE not in self._names(run_id):
+        for run_id in self._run_ids():
+            if RUN_FILE not in self._names(run_id):
                 continue
             runs.append(self.get_run(run_id))
         return sorted(runs, key=lambda r: r.created_at)
@@ -113,13 +123,20 @@ class CheckpointStore:
         One flat listing of the run (a single request per 1000 objects on S3) finds the manifests,
         which are then fetched concurrently: 1 + N requests for N checkpoints.
         """
+        return self._checkpoints(run_id, self._scan(run_id))
+
+    def _scan(self, run_id: str) -> dict[str, dict[str, Any]]:
+        """Fresh flat listing of everything under a run (folders included), with each entry's details."""
         uris.validate_name(run_id, "run id")
         run_path = uris.join(self._root_path, run_id)
         self.fs.invalidate_cache(run_path)
         try:
-            found = self.fs.find(run_path)
+            return self.fs.find(run_path, withdirs=True, detail=True)
         except FileNotFoundError:
-            found = []
+            return {}
+
+    def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
+        run_path = uris.join(self._root_path, run_id)
         manifests = [p for p in found if _is_manifest_path(p, run_path)]
         contents = self.fs.cat_ranges(manifests, [None] * len(manifests), [None] * len(manifests), on_error="return")
         checkpoints = []
@@ -138,17 +155,17 @@ class CheckpointStore:
         """Checkpoints of every run, newest first, one page at a time."""
         if limit < 1 or offset < 0:
             raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, offset={offset}")
-        everything = [
-            c for run_id in self._names() if not run_id.startswith(".") for c in self._run_checkpoints(run_id)
-        ]
+        everything = [c for run_id in self._run_ids() for c in self.list_checkpoints(run_id)]
         everything.sort(key=lambda c: c.time, reverse=True)
         return CheckpointPage(everything[offset : offset + limit], Cursor(offset, limit, len(everything)))
 
-    def _run_checkpoints(self, run_id: str) -> list[Checkpoint]:
-        try:
-            return self.list_checkpoints(run_id)
-        except ValueError:  # a folder that is not a run
-            return []
+    def _run_ids(self) -> list[str]:
+        """The folders under the root that can be runs (valid run ids)."""
+        ids = []
+        for name in self._names():
+            with contextlib.suppress(ValueError):  # hidden or foreign folders
+                ids.append(uris.validate_name(name, "run id"))
+        return ids
 
     def get(self, uri: str) -> Checkpoint:
         """The checkpoint at a URI."""
@@ -197,24 +214,74 @@ class CheckpointStore:
         storage.delete_checkpoint(checkpoint.path, self.storage_options)
         return checkpoint
 
-    def gc(self, dry_run: bool = False, now: datetime | None = None) -> list[Checkpoint]:
+    def gc(
+        self, dry_run: bool = False, now: datetime | None = None, incomplete_after: float | str = INCOMPLETE_AFTER
+    ) -> list[Checkpoint]:
         """Delete expired checkpoints and return them (``dry_run``: only return them).
 
-        Never deleted: a run's newest training checkpoint, a public checkpoint, or anything without a
-        manifest (a save still being written).
+        Never deleted: a run's newest training checkpoint, or a public checkpoint. What interrupted
+        writes left behind (see :meth:`incomplete`) is removed too, once its newest file is older than
+        ``incomplete_after`` on the real clock (``now`` only decides expiry), so a save in flight survives.
         """
         now = now or utcnow()
-        doomed = []
-        for run_id in self._names():
-            if run_id.startswith("."):
-                continue
-            checkpoints = self._run_checkpoints(run_id)
+        doomed, leftovers = [], {}
+        for run_id in self._run_ids():
+            found = self._scan(run_id)
+            checkpoints = self._checkpoints(run_id, found)
             keep = _newest(checkpoints, "training")
             doomed += [c for c in checkpoints if c.expires_at and c.expires_at <= now and not c.public and c != keep]
+            leftovers.update(self._leftovers(run_id, found, incomplete_after))
         if not dry_run:
             for checkpoint in doomed:
                 storage.delete_checkpoint(checkpoint.path, self.storage_options)
+            for unit, members in leftovers.items():
+                self._remove_leftover(unit, members)
+        if leftovers:
+            log.info(
+                "gc %s %d leftover(s) of interrupted writes", "would remove" if dry_run else "removed", len(leftovers)
+            )
         return doomed
+
+    def incomplete(self, older_than: float | str = 0) -> list[str]:
+        """URIs of what interrupted writes left, whose newest file is older than ``older_than`` (seconds or "1d").
+
+        Locally that is a hidden ``.<name>.tmp-<uuid>`` or ``.<name>.deleting-<uuid>`` entry; on object
+        stores, the objects of a checkpoint folder without a manifest (with ``older_than=0`` that includes
+        saves still being written). None of it is ever listed as a checkpoint.
+        """
+        return [
+            self._uri_of(unit)
+            for run_id in self._run_ids()
+            for unit in self._leftovers(run_id, self._scan(run_id), older_than)
+        ]
+
+    def _leftovers(
+        self, run_id: str, found: dict[str, dict[str, Any]], older_than: float | str
+    ) -> dict[str, list[str]]:
+        """Leftovers in one run's listing whose every entry is dated and older than ``older_than``: path -> entries."""
+        age = float(older_than) if isinstance(older_than, (int, float)) else parse_duration(older_than)
+        if age is None or age < 0:
+            raise ValueError(f"The age of leftovers to remove must be >= 0 seconds or like '1d', got {older_than!r}")
+        cutoff = time.time() - age
+        units = _leftover_units(found, uris.join(self._root_path, run_id), storage.is_local(self.fs))
+        stale = {}
+        for unit, members in units.items():
+            times = [_modified(found[m]) for m in members]
+            if times and None not in times and max(t for t in times if t is not None) <= cutoff:
+                stale[unit] = members
+        return stale
+
+    def _remove_leftover(self, unit: str, members: list[str]) -> None:
+        """Locally the temporary entry goes as a whole; on object stores exactly the old objects that were listed."""
+        with contextlib.suppress(FileNotFoundError):  # already gone: its own writer or another gc finished it
+            if storage.is_local(self.fs):
+                self.fs.rm(unit, recursive=True)
+            else:
+                self.fs.rm([m for m in members if m != unit])
+
+    def _uri_of(self, path: str) -> str:
+        """The URI under the root of a path from this store's filesystem."""
+        return self._uri(path[len(self._root_path.rstrip("/")) + 1 :])
 
     # -- integrity and export ---------------------------------------------------------------------
     def verify(self, uri: str) -> VerifyReport:
@@ -331,6 +398,52 @@ def _set_public(manifest: Manifest, public: bool, uri: str) -> Manifest:
     if manifest.public == public:
         raise CheckpointConflictError(f"Checkpoint {uri} is already {'public' if public else 'private'}")
     return dataclasses.replace(manifest, public=public)
+
+
+def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, local: bool) -> dict[str, list[str]]:
+    """Group a run's listing into leftovers of interrupted writes: leftover path -> the listed entries in it.
+
+    A hidden temporary entry (:data:`storage.TEMP_ENTRY`) at any depth is one; on object stores, where
+    saves write in place, so is a checkpoint folder without a manifest. Local folders without a manifest
+    were not written by a save (saves rename whole folders into place) and are left alone.
+    """
+    prefix = run_path.rstrip("/") + "/"
+    units: dict[str, list[str]] = defaultdict(list)
+    for path, info in found.items():
+        if not path.startswith(prefix):
+            continue
+        parts = path[len(prefix) :].split("/")
+        temp = next((i for i, part in enumerate(parts) if storage.TEMP_ENTRY.fullmatch(part)), None)
+        if temp is not None:
+            units[prefix + "/".join(parts[: temp + 1])].append(path)
+        elif (
+            not local
+            and len(parts) > 2
+            and parts[0] in KIND_DIRS
+            and info.get("type") != "directory"
+            and f"{prefix}{parts[0]}/{parts[1]}/{MANIFEST}" not in found
+        ):
+            units[prefix + "/".join(parts[:2])].append(path)
+    return units
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """When a listed entry last changed (seconds since the epoch), from the fields fsspec filesystems report.
+
+    Locally that includes the status change time, which a rename updates: a folder just renamed away for
+    deletion counts as fresh.
+    """
+    times = []
+    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
+        value = info.get(key)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        if isinstance(value, datetime):
+            times.append(value.timestamp())
+        elif isinstance(value, (int, float)):
+            times.append(float(value))
+    return max(times, default=None)
 
 
 def _is_manifest_path(path: str, run_path: str) -> bool:
