@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# Every checkpoint path side by side on a Qwen3-0.6B-shaped model; rewrites docs/benchmarks.{md,json}.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/suite.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,7 @@
 """CheckpointStore on S3: listing cost with many checkpoints, and download throughput versus ``fs.get``.
 
-Runs a moto S3 server on loopback (no network, no AWS account):
+The save figures (upload versus a plain ``put``) are in ``suite.py``. Runs a moto S3 server on loopback
+(no network, no AWS account):
 
     python benchmarks/s3_store.py [--checkpoints 200] [--download-mib 64] [--repeats 3]
 """
@@ -9,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import s3fs
 import torch
-from moto.server import ThreadedMotoServer
+from _common import BUCKET, moto_s3, quiet, timed
 
 from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 
@@ -49,31 +47,21 @@ class RequestCounter:
         self.count += 1
 
 
-def timed(fn: Any, repeats: int) -> tuple[float, Any]:
-    times, result = [], None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=int, default=200)
     parser.add_argument("--download-mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    options = {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-    boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="k", aws_secret_access_key="s", region_name="us-east-1"
-    ).create_bucket(Bucket="bench")
-    root = "s3://bench/root"
+    quiet()
+    with moto_s3() as options:
+        results = measure(args, options)
+    json.dump(results, sys.stdout, indent=2)
+    print()
+
+
+def measure(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]:
+    root = f"s3://{BUCKET}/root"
     results: dict[str, Any] = {"checkpoints": args.checkpoints}
 
     io = LoRACheckpointIO(root=root, run_id="run", async_save=False, storage_options=options)
@@ -91,7 +79,6 @@ def main() -> None:
     before = counter.count
     results["get_seconds"], _ = timed(lambda: store.get("lora://run/weights/000000"), args.repeats)
     results["get_requests"] = (counter.count - before) // args.repeats
-    before = counter.count
     results["last_checkpoint_seconds"], _ = timed(lambda: store.last_checkpoint("run"), args.repeats)
 
     numel = args.download_mib * (1 << 20) // 4 // 2  # adapter + optimizer moment, float32
@@ -118,9 +105,7 @@ def main() -> None:
     results["download_mib_per_s"] = size / results["download_seconds"] / (1 << 20)
     results["fs_get_mib_per_s"] = size / results["fs_get_seconds"] / (1 << 20)
     results["download_vs_fs_get_time_ratio"] = results["download_seconds"] / results["fs_get_seconds"]
-    server.stop()
-    json.dump(results, sys.stdout, indent=2)
-    print()
+    return results
 
 
 if __name__ == "__main__":
