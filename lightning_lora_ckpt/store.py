@@ -130,6 +130,10 @@ class CheckpointStore:
         uris.validate_name(run_id, "run id")
         run_path = uris.join(self._root_path, run_id)
         self.fs.invalidate_cache(run_path)
+        # s3fs's find caches every folder it lists, which invalidate_cache(run_path) leaves: a stale listing
+        # of a checkpoint folder (e.g. taken mid-save) would later make its manifest read as missing.
+        for cached in [p for p in self.fs.dircache if p.startswith(run_path.rstrip("/") + "/")]:
+            self.fs.dircache.pop(cached, None)
         try:
             return self.fs.find(run_path, withdirs=True, detail=True)
         except FileNotFoundError:
@@ -272,10 +276,14 @@ class CheckpointStore:
         return stale
 
     def _remove_leftover(self, unit: str, members: list[str]) -> None:
-        """Locally the temporary entry goes as a whole; on object stores exactly the old objects that were listed."""
+        """Locally the temporary entry goes as a whole; on object stores exactly the old objects that were listed.
+
+        Locally it is renamed away first: a save committing it at that moment then either wins (and is not
+        touched) or fails with an error, never half-deleted after its commit.
+        """
         with contextlib.suppress(FileNotFoundError):  # already gone: its own writer or another gc finished it
             if storage.is_local(self.fs):
-                self.fs.rm(unit, recursive=True)
+                storage.remove_local_dir(unit)
             else:
                 self.fs.rm([m for m in members if m != unit])
 

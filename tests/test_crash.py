@@ -27,7 +27,7 @@ import pytest
 import torch
 from conftest import MODULE_KWARGS, batch_loader, make_trainer
 
-from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO, LoRAModule, uris
+from lightning_lora_ckpt import Checkpoint, CheckpointStore, LoRACheckpointIO, LoRAModule, uris
 from lightning_lora_ckpt.storage import TEMP_ENTRY
 from lightning_lora_ckpt.uris import CheckpointType
 
@@ -49,13 +49,18 @@ class Source:
         return {k: v + version for k, v in self.training["state_dict"].items()}
 
 
-@pytest.fixture(scope="module")
-def source() -> Source:
+def build_source() -> Source:
+    """The checkpoint dicts of a tiny ``LoRAModule`` trained for two steps."""
     module = LoRAModule(**MODULE_KWARGS)
     trainer = make_trainer(max_steps=2)
     trainer.fit(module, batch_loader(2))
     connector = trainer._checkpoint_connector
     return Source(connector.dump_checkpoint(weights_only=False), connector.dump_checkpoint(weights_only=True))
+
+
+@pytest.fixture(scope="module")
+def source() -> Source:
+    return build_source()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,18 +172,20 @@ def assert_same(got: Any, want: Any, where: str = "") -> None:
 def check_listed(store: CheckpointStore, run_id: str, source: Source) -> dict[str, int]:
     """Every checkpoint listed in the run verifies and holds exactly what its version saved: id -> version."""
     io = LoRACheckpointIO(root=store.root, storage_options=store.storage_options)
-    versions = {}
-    for checkpoint in store.list_checkpoints(run_id):
-        report = store.verify(checkpoint.path)
-        assert report.ok, report.problems
-        version = checkpoint.user_metadata["version"]
-        loaded = io.load_checkpoint(checkpoint.path)
-        assert_same(loaded["state_dict"], source.adapter(version), checkpoint.checkpoint_id)
-        assert loaded["global_step"] == source.training["global_step"] + version
-        if checkpoint.checkpoint_type == "training":
-            assert_same(loaded["optimizer_states"], source.training["optimizer_states"], "optimizer_states")
-        versions[checkpoint.checkpoint_id] = version
-    return versions
+    return {c.checkpoint_id: check_checkpoint(store, io, c, source) for c in store.list_checkpoints(run_id)}
+
+
+def check_checkpoint(store: CheckpointStore, io: LoRACheckpointIO, checkpoint: Checkpoint, source: Source) -> int:
+    """The checkpoint verifies and loads to exactly what its version saved; returns the version."""
+    report = store.verify(checkpoint.path)
+    assert report.ok, report.problems
+    version = checkpoint.user_metadata["version"]
+    loaded = io.load_checkpoint(checkpoint.path)
+    assert_same(loaded["state_dict"], source.adapter(version), checkpoint.checkpoint_id)
+    assert loaded["global_step"] == source.training["global_step"] + version
+    if checkpoint.checkpoint_type == "training":
+        assert_same(loaded["optimizer_states"], source.training["optimizer_states"], "optimizer_states")
+    return version
 
 
 def check_resume(store: CheckpointStore, run_id: str, source: Source) -> None:
