@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -104,7 +105,9 @@ class Manifest:
         data = dataclasses.asdict(self)
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
-        return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **data}, indent=2).encode()
+        return json.dumps(
+            {"format": FORMAT, "format_version": FORMAT_VERSION, **data}, indent=2, allow_nan=False
+        ).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, source: str) -> Manifest:
@@ -118,6 +121,11 @@ class Manifest:
             raise bad(f"'format' is not {FORMAT!r}")
         if data.get("format_version") != FORMAT_VERSION:
             raise bad(f"unsupported format_version {data.get('format_version')!r}; upgrade lightning-lora-ckpt")
+        unknown = sorted(set(data) - _MANIFEST_KEYS)
+        if unknown:
+            raise bad(
+                f"unknown keys {[k[:100] for k in unknown[:5]]} (written by a newer lightning-lora-ckpt? upgrade it)"
+            )
 
         def field(key: str, parse: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
             if key not in data or (default is not _REQUIRED and data[key] is None):
@@ -160,19 +168,35 @@ class Manifest:
         return manifest
 
 
-def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
-    """Parse ``raw`` as a JSON object, refusing more than ``limit`` bytes before parsing.
+_MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fields(Manifest))}
 
-    Raises :class:`CheckpointFormatError` starting with ``source`` for anything else.
+
+def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
+    """Parse ``raw`` as a strict JSON object, refusing more than ``limit`` bytes before parsing.
+
+    ``NaN``/``Infinity`` (not JSON; never written here) and duplicate keys (which other readers may
+    resolve differently) are refused. Raises :class:`CheckpointFormatError` starting with ``source``.
     """
     if len(raw) > limit:
         raise CheckpointFormatError(f"{source}: larger than {limit} bytes, far more than a valid one; refusing it")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError) as err:
         raise CheckpointFormatError(f"{source}: not JSON ({str(err)[:200]})") from err
     if not isinstance(data, dict):
         raise CheckpointFormatError(f"{source}: must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        duplicate = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+        raise ValueError(f"duplicate key {duplicate[:100]!r}")
     return data
 
 

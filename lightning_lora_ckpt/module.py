@@ -227,7 +227,10 @@ class LoRAModule(LightningModule):
         for key in _LORA_IDENTITY:
             a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
             if a != b:
-                raise ValueError(f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}")
+                raise ValueError(
+                    f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}; build the module "
+                    "with the checkpoint's LoRA settings (LoRAModule.from_checkpoint reads them from it)"
+                )
         expected = self.adapter_shapes
         missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
         if missing or unexpected:

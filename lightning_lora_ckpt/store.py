@@ -21,6 +21,7 @@ from fsspec.callbacks import Callback
 
 from . import storage, uris
 from .manifest import MANIFEST, CheckpointFormatError, Manifest, utcnow
+from .payload import decode_checkpoint
 from .records import RUN_FILE, Checkpoint, TrainingRun
 from .ttl import parse_duration
 from .uris import KIND_DIRS, CheckpointType
@@ -293,13 +294,18 @@ class CheckpointStore:
 
     # -- integrity and export ---------------------------------------------------------------------
     def verify(self, uri: str) -> VerifyReport:
-        """Check every file of a checkpoint against the manifest's size and sha256."""
+        """Check every file of a checkpoint against the manifest's size and sha256, then that it decodes."""
         uri = self.resolve(uri)
         manifest = storage.read_manifest(uri, self.storage_options)
-        problems = []
+        problems, files = [], {}
         for name in manifest.files:
             try:
-                storage.read_files(uri, manifest, [name], self.storage_options)
+                files.update(storage.read_files(uri, manifest, [name], self.storage_options))
+            except CheckpointFormatError as err:
+                problems.append(str(err))
+        if not problems:  # intact: then it must also decode (checksums alone do not catch a forged manifest)
+            try:
+                decode_checkpoint(manifest, files, uri)
             except CheckpointFormatError as err:
                 problems.append(str(err))
         return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)

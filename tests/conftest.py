@@ -117,7 +117,7 @@ def fake_checkpoint(step: int, training: bool = True, base: str = "tiny-qwen3") 
             "base_model.model.layer.lora_B.weight": weight.T,
         },
         "lora_ckpt": {
-            "adapter_config": {"r": 4, "peft_type": "LORA"},
+            "adapter_config": {"r": 4, "lora_alpha": 8, "target_modules": ["layer"], "peft_type": "LORA"},
             "base_model": {"name_or_path": base, "fingerprint": "f" * 64},
         },
         "global_step": step,
