@@ -4,7 +4,7 @@ The real Lightning checkpoint dicts of a trained tiny ``LoRAModule`` are built o
 child (instantly: everything is already imported) that runs a plan of saves through
 ``LoRACheckpointIO.save_checkpoint`` -- a new run (``run.json``), training and sampler checkpoints under
 new names, and overwrites of an existing name -- and kills it after a seeded random delay. The delays are
-stratified over 1.3x the measured duration of the whole plan, so kills land before the first save, in
+stratified over 1.3x the measured duration of the whole plan (from when the child is connected), so kills land before the first save, in
 every save and after the last commit. After each kill the store is checked against what the child
 reported and against docs/crash-safety.md.
 """
@@ -100,8 +100,14 @@ def save(root: str, options: dict[str, Any], item: Save, checkpoint: dict[str, A
 def _run_plan(
     root: str, options: dict[str, Any], plan: list[Save], checkpoints: list[dict[str, Any]], version: int, fd: int
 ) -> None:
-    """Child process: the saves of ``plan``, reporting each start and commit on the pipe ``fd``."""
+    """Child process: the saves of ``plan``, reporting each start and commit on the pipe ``fd``.
+
+    It first connects to the storage (a listing) and reports ``ready``: kill delays count from there, so
+    they spread over the saves rather than the set-up of a new S3 session after the fork.
+    """
     try:
+        CheckpointStore(root, options).list_runs()
+        os.write(fd, b"ready\n")
         for k, (item, checkpoint) in enumerate(zip(plan, checkpoints, strict=True)):
             os.write(fd, f"start {k}\n".encode())
             save(root, options, item, checkpoint, version)
@@ -130,24 +136,25 @@ class Outcome:
         return f"in save {k}" if k not in self.done else f"after save {k}"
 
 
-def fork_plan(
-    target: Callable[..., None], args: tuple[Any, ...], kill_after: float | None, pass_fd: bool = True
-) -> Outcome:
-    """Run ``target(*args, fd)`` in a forked child; SIGKILL it ``kill_after`` seconds after the fork."""
+def fork_plan(target: Callable[..., None], args: tuple[Any, ...], kill_after: float | None) -> Outcome:
+    """Run ``target(*args, fd)`` in a forked child; SIGKILL it ``kill_after`` seconds after it reports ready."""
     read, write = os.pipe()
-    child = FORK.Process(target=target, args=(*args, write) if pass_fd else args, daemon=True)
-    start = time.perf_counter()
+    child = FORK.Process(target=target, args=(*args, write), daemon=True)
     child.start()
     os.close(write)
-    if kill_after is not None:
-        time.sleep(max(0.0, start + kill_after - time.perf_counter()))
-        child.kill()
-    child.join(timeout=120)
-    seconds = time.perf_counter() - start
     with os.fdopen(read) as pipe:
+        ready = pipe.readline()
+        start = time.perf_counter()
+        if kill_after is not None and ready:
+            time.sleep(kill_after)
+            child.kill()
+        child.join(timeout=120)
+        seconds = time.perf_counter() - start
         events = [line.split(" ", 1) for line in pipe.read().splitlines()]
     errors = [text for what, text in events if what == "error"]
-    assert child.exitcode in (0, -signal.SIGKILL) and not errors, f"child failed: {child.exitcode} {errors}"
+    assert ready == "ready\n" and child.exitcode in (0, -signal.SIGKILL) and not errors, (
+        f"child failed: {child.exitcode} {ready} {errors}"
+    )
     started = {int(k) for what, k in events if what == "start"}
     done = {int(k) for what, k in events if what == "done"}
     return Outcome(child.exitcode, started, done, seconds)
