@@ -20,7 +20,7 @@ schedule, loop state), it is saved and resumed each way:
   checkpoint upload versus a plain s3fs ``put`` of the same files.
 
 Each round runs every method of a group once, ``--repeats`` rounds, so background load falls on all
-of them alike; the figures are medians.
+of them alike (with an untimed ``os.sync()`` before each); the figures are medians.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -146,10 +147,15 @@ Method = Callable[[int], dict[str, float]]
 
 
 def round_robin(methods: dict[str, Method], repeats: int) -> dict[str, dict[str, Any]]:
-    """Call every method once per round for ``repeats`` rounds; per method, the median of each timing it returns."""
+    """Call every method once per round for ``repeats`` rounds; per method, the median of each timing it returns.
+
+    Before each call, untimed, ``os.sync()`` flushes what earlier calls left unsynced (Lightning and the HF
+    Trainer do not fsync), so no method pays for another's writeback.
+    """
     samples: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
     for i in range(repeats):
         for name, method in methods.items():
+            os.sync()
             for field, value in method(i).items():
                 samples[name].setdefault(field, []).append(value)
     return {

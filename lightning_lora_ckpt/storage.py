@@ -11,11 +11,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
 import errno
+import hashlib
 import os
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlencode
 
@@ -44,6 +47,19 @@ TEMP_ENTRY = re.compile(r"\..+\.(tmp|deleting)-[0-9a-f]{32}")
 
 class CheckpointWriteError(OSError):
     """Storage kept failing (after the filesystem's own retries) while a checkpoint was written or deleted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyFile:
+    """A checkpoint file produced on demand: ``write(path)`` writes it straight to a local file (no in-memory
+    copy of a large tensor file), ``render()`` returns its bytes (for object stores)."""
+
+    write: Callable[[str], None]
+    render: Callable[[], bytes]
+
+
+#: The content of one file of a checkpoint.
+FileContent = bytes | LazyFile
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -88,57 +104,41 @@ def _ttl_tags(manifest: Manifest) -> dict[str, str]:
     return {TTL_TAG: lifecycle_tag(manifest.created_at, manifest.expires_at, manifest.public)}
 
 
-def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes, manifest: Manifest, create: bool = False) -> None:
-    """Upload one object of a checkpoint; on S3 it carries the TTL tag from the start (no extra request).
-
-    ``create``: on S3, fail with ``FileExistsError`` if the object exists (a conditional ``If-None-Match`` PUT).
-    """
+def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes, manifest: Manifest) -> None:
+    """Upload one object of a checkpoint; on S3 it carries the TTL tag from the start (no extra request)."""
     if _is_s3(fs):
-        fs.pipe_file(path, data, mode="create" if create else "overwrite", Tagging=urlencode(_ttl_tags(manifest)))
+        fs.pipe_file(path, data, Tagging=urlencode(_ttl_tags(manifest)))
     else:
         fs.pipe_file(path, data)
 
 
-def _saved_concurrently(uri: str) -> FileExistsError:
-    return FileExistsError(
-        f"A checkpoint was saved at {uri} by another writer while this one was being written; "
-        "save under another name, or pass overwrite=True to replace it"
-    )
-
-
 def commit_checkpoint(
     uri: str,
-    files: Mapping[str, bytes],
+    files: Mapping[str, FileContent],
     make_manifest: Callable[[dict[str, FileEntry]], Manifest],
     storage_options: Mapping[str, Any] | None = None,
     replace: bool = False,
 ) -> Manifest:
     """Write ``files`` and then the manifest built from their checksums as the checkpoint at ``uri``.
 
-    A committed checkpoint at ``uri`` is an error unless ``replace``, also one committed by another writer
-    while this one was writing: locally the old one is swapped out only once the new one is fully written;
-    on object stores it is deleted (manifest first) before the upload, and without ``replace`` the manifest
-    is created only if absent (S3 conditional PUT). Leftovers of an interrupted save at ``uri`` are replaced.
+    A committed checkpoint at ``uri`` is an error unless ``replace``: locally the old one is swapped out
+    only once the new one is fully written; on object stores it is deleted (manifest first) before the
+    upload. Leftovers of an interrupted save at ``uri`` are always replaced.
     """
     fs, path = url_to_fs(uri, storage_options)
     with storage_errors("write checkpoint", uri):
         exists = fs.exists(join(path, MANIFEST))
     if exists and not replace:
         raise FileExistsError(f"A checkpoint already exists at {uri}; delete it first or save under another name")
-    manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in files.items()})
-    payload = {**files, MANIFEST: manifest.to_json()}
+    if is_local(fs):
+        return _commit_local(uri, path, files, make_manifest, replace)
+    contents = {name: c if isinstance(c, bytes) else c.render() for name, c in files.items()}
+    manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in contents.items()})
+    payload = {**contents, MANIFEST: manifest.to_json()}
     with storage_errors("write checkpoint", uri):
-        if is_local(fs):
-            _commit_local(path, payload, replace)
-        else:
-            if replace:
-                _delete_remote(fs, path)
-            for name, data in files.items():  # in place: leftovers of an interrupted save are overwritten
-                _upload(fs, join(path, name), data, manifest)
-            try:  # last; without overwrite, only if no other writer committed this name meanwhile
-                _upload(fs, join(path, MANIFEST), payload[MANIFEST], manifest, create=not replace)
-            except FileExistsError:
-                raise _saved_concurrently(uri) from None
+        _delete_remote(fs, path)
+        for name, data in payload.items():  # dict order: the manifest goes last
+            _upload(fs, join(path, name), data, manifest)
     return manifest
 
 
@@ -183,24 +183,71 @@ def _replace_local_file(path: str, data: bytes) -> None:
         raise
 
 
-def _commit_local(path: str, payload: Mapping[str, bytes], replace: bool) -> None:
+def _commit_local(
+    uri: str,
+    path: str,
+    files: Mapping[str, FileContent],
+    make_manifest: Callable[[dict[str, FileEntry]], Manifest],
+    replace: bool,
+) -> Manifest:
+    """Write the files into a hidden sibling, then the manifest, fsync everything and rename it into place.
+
+    Each file is hashed and fsynced in a worker thread while the next one is written (sha256 and fsync
+    release the GIL), so a save costs little more than writing its bytes once.
+    """
     parent, name = os.path.split(path)
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
-    os.mkdir(tmp)
     try:
-        for fname, data in payload.items():
-            with open(os.path.join(tmp, fname), "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        if replace or not _rename_if_free(tmp, path):
-            install_dir(tmp, path)
+        with (
+            storage_errors("write checkpoint", uri),
+            ThreadPoolExecutor(4, thread_name_prefix="lora-ckpt-sync") as pool,
+        ):
+            os.makedirs(parent, exist_ok=True)
+            os.mkdir(tmp)
+            digests: dict[str, Future[str]] = {}
+            synced = []
+            for fname, content in files.items():
+                target = os.path.join(tmp, fname)
+                if isinstance(content, bytes):
+                    _write_file(target, content)
+                    digests[fname] = pool.submit(sha256_hex, content)
+                else:
+                    content.write(target)
+                    digests[fname] = pool.submit(_sha256_file, target)
+                synced.append(pool.submit(_fsync_dir, target))  # works on a file as well
+            entries = {
+                fname: FileEntry(os.path.getsize(os.path.join(tmp, fname)), digest.result())
+                for fname, digest in digests.items()
+            }
+            for future in synced:
+                future.result()
+        manifest = make_manifest(entries)
+        with storage_errors("write checkpoint", uri):
+            _write_file(os.path.join(tmp, MANIFEST), manifest.to_json())
+            _fsync_dir(os.path.join(tmp, MANIFEST))
+            _fsync_dir(tmp)
+            if replace or not _rename_if_free(tmp, path):
+                install_dir(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            remove_local_dir(tmp)
+            _remove_local(tmp)
         raise
+    return manifest
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _sha256_file(path: str) -> str:
+    """sha256 of a local file, read back in chunks (from the page cache, just after it was written)."""
+    digest, chunk = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def _rename_if_free(tmp: str, path: str) -> bool:
@@ -215,7 +262,10 @@ def _rename_if_free(tmp: str, path: str) -> bool:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         if os.path.exists(os.path.join(path, MANIFEST)):
-            raise _saved_concurrently(path) from None
+            raise FileExistsError(
+                f"A checkpoint was saved at {path} by another writer while this one was being written; "
+                "save under another name, or pass overwrite=True to replace it"
+            ) from None
         return False
     _fsync_dir(os.path.dirname(path))
     return True
@@ -239,37 +289,25 @@ def install_dir(tmp: str, path: str) -> None:
 
     Whatever is at ``path`` (a leftover, or what is being replaced) is swapped out in the same atomic step
     where the kernel can (Linux ``RENAME_EXCHANGE``), else renamed away just before; then it is deleted.
-    A concurrent writer creating or replacing ``path`` meanwhile only makes it try again: the last one wins.
     """
     parent, name = os.path.split(path)
-    while True:
-        previous = None
-        try:
-            if os.path.exists(path) and _exchange(tmp, path):
-                previous = tmp  # now holds what was replaced
-            else:
-                if os.path.exists(path):
-                    previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
-                    os.rename(path, previous)
-                os.rename(tmp, path)
-            break
-        except OSError as err:  # path appeared (ENOTEMPTY, EEXIST) or vanished (ENOENT) since the check
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or not os.path.isdir(tmp):
-                raise
+    if os.path.exists(path) and _exchange(tmp, path):
+        _fsync_dir(parent)
+        LocalFileSystem().rm(tmp, recursive=True)  # now holds what was replaced
+        return
+    previous = None
+    if os.path.exists(path):
+        previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
+        os.rename(path, previous)
+    os.rename(tmp, path)
     _fsync_dir(parent)
     if previous:
-        with contextlib.suppress(FileNotFoundError):  # gc(incomplete_after=0) may have swept it already
-            LocalFileSystem().rm(previous, recursive=True)
+        LocalFileSystem().rm(previous, recursive=True)
 
 
-def remove_local_dir(path: str) -> None:
-    """Delete a local file or directory by renaming it to a hidden ``.deleting-`` sibling first.
-
-    The rename is atomic: the entry vanishes from listings before its files do, and a concurrent rename of
-    ``path`` (a commit) either happens first (then this raises ``FileNotFoundError``) or fails.
-    """
+def _remove_local(path: str) -> None:
     trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
-    os.rename(path, trash)
+    os.rename(path, trash)  # atomic: the directory vanishes from listings before its files do
     LocalFileSystem().rm(trash, recursive=True)
 
 
@@ -361,7 +399,7 @@ def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None
     with storage_errors("delete checkpoint", uri):
         if is_local(fs):
             if os.path.exists(path):
-                remove_local_dir(path)
+                _remove_local(path)
         else:
             _delete_remote(fs, path)
 

@@ -326,6 +326,8 @@ class CheckpointStore:
         try:
             fs, path = storage.url_to_fs(uri, self.storage_options)
             names = [*manifest.files, MANIFEST]
+            for name in names:
+                storage.check_member(fs, uri, path, name)
             # One concurrent transfer, as a plain fs.get would do; then every file is checked locally.
             fs.get(
                 [uris.join(path, n) for n in names],

@@ -489,6 +489,15 @@ def test_hostile_checkpoints_are_refused_clearly(
     assert load_everywhere(env, target, message)
 
 
+@pytest.mark.parametrize("tamper", [link_outside(ADAPTER_CONFIG), fifo(STATE_JSON)], ids=["link", "fifo"])
+def test_download_copies_nothing_from_outside_the_checkpoint(env: Env, tamper: Callable[[Path], None]) -> None:
+    ckpt = env.root / "run" / "weights" / "t"
+    tamper(ckpt)  # a link to an identical file: the checksums alone would let it through
+    with pytest.raises(CheckpointFormatError, match=r"weights/t is unsafe: (training_state|adapter_config)\.json"):
+        CheckpointStore(str(env.root)).download(str(ckpt), env.out)
+    assert not env.out.exists()
+
+
 # -- a checkpoint for another module, base or client ---------------------------------------------------------
 def resume_into(overrides: dict[str, Any]) -> Callable[[Env, str], Any]:
     def load(env: Env, uri: str) -> None:
