@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from typing import Any
 
 import lightning
@@ -36,6 +37,20 @@ from .uris import CheckpointType
 
 LORA_KEY = "lora_ckpt"
 _SAFETENSORS_METADATA = {"format": "pt"}  # what PEFT's save_pretrained writes
+#: PEFT's key of a LoRA matrix (lora_A is (r, in), lora_B (out, r); embeddings alike).
+_LORA_HALF = re.compile(r".*\.lora_(?:embedding_)?([AB])(?:\.weight)?")
+#: Types of the PEFT config settings loaders use (each may be absent or null).
+_CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "peft_type": (str,),
+    "lora_alpha": (int, float),
+    "lora_dropout": (int, float),
+    "target_modules": (list, str),
+    "rank_pattern": (dict,),
+    "alpha_pattern": (dict,),
+    "use_rslora": (bool,),
+    "use_dora": (bool,),
+    "fan_in_fan_out": (bool,),
+}
 
 
 @dataclasses.dataclass
@@ -142,11 +157,12 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
         adapter_config = load_json_object(
             files[ADAPTER_CONFIG], MAX_FILE_BYTES[ADAPTER_CONFIG], f"{source}/{ADAPTER_CONFIG}"
         )
-        if adapter_config.get("r") != manifest.lora_rank:
+        if adapter_config.get("r") != manifest.lora_rank or type(adapter_config.get("r")) is not int:
             raise CheckpointFormatError(
-                f"Checkpoint {source}: 'r' in {ADAPTER_CONFIG} is {str(adapter_config.get('r'))[:50]}, "
+                f"Checkpoint {source}: 'r' in {ADAPTER_CONFIG} is {str(adapter_config.get('r'))[:50]!r}, "
                 f"the manifest's lora_rank is {manifest.lora_rank}"
             )
+        _check_adapter(adapter, adapter_config, source)
         checkpoint: dict[str, Any] = {
             "epoch": manifest.epoch,
             "global_step": manifest.step,
@@ -167,6 +183,38 @@ def decode_checkpoint(manifest: Manifest, files: dict[str, bytes], source: str) 
         "source": source,
     }
     return checkpoint
+
+
+def _check_adapter(adapter: dict[str, torch.Tensor], config: dict[str, Any], source: str) -> None:
+    """Refuse a PEFT config lacking a setting or with one of the wrong type, or whose ranks the tensors do not have.
+
+    Loaders build LoRA layers of the config's ranks before loading the tensors: a rank the tensors lack
+    (say r=10**6 beside rank-16 tensors) would allocate without bound.
+    """
+
+    def bad(why: str) -> CheckpointFormatError:
+        return CheckpointFormatError(f"Checkpoint {source}: {ADAPTER_CONFIG} {why[:300]}")
+
+    missing = [key for key in ("lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise bad(f"has no {missing}; it is not a LoRA config as PEFT writes it")
+    for key, types in _CONFIG_TYPES.items():
+        value = config.get(key)
+        if value is not None and type(value) not in types:
+            raise bad(f"has {key}={value!r}, expected {' or '.join(t.__name__ for t in types)}")
+    if isinstance(config.get("target_modules"), list) and not all(type(m) is str for m in config["target_modules"]):
+        raise bad(f"has target_modules={config['target_modules']!r}, expected module names")
+    alphas = list((config.get("alpha_pattern") or {}).values())
+    ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
+    if not all(type(a) in (int, float) for a in alphas) or not all(type(r) is int and r > 0 for r in ranks):
+        raise bad(f"has ranks {ranks[:10]} and alphas {alphas[:10]}, expected positive integers and numbers")
+    halves = ((_LORA_HALF.fullmatch(key), tensor) for key, tensor in adapter.items())
+    found = {t.shape[0 if m[1] == "A" else 1] for m, t in halves if m and t.ndim >= 2}
+    if not found <= set(ranks) or max(ranks) > max(found, default=0):
+        raise bad(
+            f"gives LoRA ranks {sorted(set(ranks))} (r, rank_pattern) but the tensors of {ADAPTER_WEIGHTS} have ranks "
+            f"{sorted(found)}: the two files do not belong together"
+        )
 
 
 def _load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:

@@ -104,12 +104,22 @@ def _ttl_tags(manifest: Manifest) -> dict[str, str]:
     return {TTL_TAG: lifecycle_tag(manifest.created_at, manifest.expires_at, manifest.public)}
 
 
-def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes, manifest: Manifest) -> None:
-    """Upload one object of a checkpoint; on S3 it carries the TTL tag from the start (no extra request)."""
+def _upload(fs: fsspec.AbstractFileSystem, path: str, data: bytes, manifest: Manifest, create: bool = False) -> None:
+    """Upload one object of a checkpoint; on S3 it carries the TTL tag from the start (no extra request).
+
+    ``create``: on S3, fail with ``FileExistsError`` if the object exists (a conditional ``If-None-Match`` PUT).
+    """
     if _is_s3(fs):
-        fs.pipe_file(path, data, Tagging=urlencode(_ttl_tags(manifest)))
+        fs.pipe_file(path, data, mode="create" if create else "overwrite", Tagging=urlencode(_ttl_tags(manifest)))
     else:
         fs.pipe_file(path, data)
+
+
+def _saved_concurrently(uri: str) -> FileExistsError:
+    return FileExistsError(
+        f"A checkpoint was saved at {uri} by another writer while this one was being written; "
+        "save under another name, or pass overwrite=True to replace it"
+    )
 
 
 def commit_checkpoint(
@@ -121,9 +131,10 @@ def commit_checkpoint(
 ) -> Manifest:
     """Write ``files`` and then the manifest built from their checksums as the checkpoint at ``uri``.
 
-    A committed checkpoint at ``uri`` is an error unless ``replace``: locally the old one is swapped out
-    only once the new one is fully written; on object stores it is deleted (manifest first) before the
-    upload. Leftovers of an interrupted save at ``uri`` are always replaced.
+    A committed checkpoint at ``uri`` is an error unless ``replace``, also one committed by another writer
+    while this one was writing: locally the old one is swapped out only once the new one is fully written;
+    on object stores it is deleted (manifest first) before the upload, and without ``replace`` the manifest
+    is created only if absent (S3 conditional PUT). Leftovers of an interrupted save at ``uri`` are replaced.
     """
     fs, path = url_to_fs(uri, storage_options)
     with storage_errors("write checkpoint", uri):
@@ -136,9 +147,14 @@ def commit_checkpoint(
     manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in contents.items()})
     payload = {**contents, MANIFEST: manifest.to_json()}
     with storage_errors("write checkpoint", uri):
-        _delete_remote(fs, path)
-        for name, data in payload.items():  # dict order: the manifest goes last
+        if replace:
+            _delete_remote(fs, path)
+        for name, data in contents.items():  # in place: leftovers of an interrupted save are overwritten
             _upload(fs, join(path, name), data, manifest)
+        try:  # last; without overwrite, only if no other writer committed this name meanwhile
+            _upload(fs, join(path, MANIFEST), payload[MANIFEST], manifest, create=not replace)
+        except FileExistsError:
+            raise _saved_concurrently(uri) from None
     return manifest
 
 
@@ -230,7 +246,7 @@ def _commit_local(
                 install_dir(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
-            _remove_local(tmp)
+            remove_local_dir(tmp)
         raise
     return manifest
 
@@ -262,10 +278,7 @@ def _rename_if_free(tmp: str, path: str) -> bool:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         if os.path.exists(os.path.join(path, MANIFEST)):
-            raise FileExistsError(
-                f"A checkpoint was saved at {path} by another writer while this one was being written; "
-                "save under another name, or pass overwrite=True to replace it"
-            ) from None
+            raise _saved_concurrently(path) from None
         return False
     _fsync_dir(os.path.dirname(path))
     return True
@@ -289,25 +302,37 @@ def install_dir(tmp: str, path: str) -> None:
 
     Whatever is at ``path`` (a leftover, or what is being replaced) is swapped out in the same atomic step
     where the kernel can (Linux ``RENAME_EXCHANGE``), else renamed away just before; then it is deleted.
+    A concurrent writer creating or replacing ``path`` meanwhile only makes it try again: the last one wins.
     """
     parent, name = os.path.split(path)
-    if os.path.exists(path) and _exchange(tmp, path):
-        _fsync_dir(parent)
-        LocalFileSystem().rm(tmp, recursive=True)  # now holds what was replaced
-        return
-    previous = None
-    if os.path.exists(path):
-        previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
-        os.rename(path, previous)
-    os.rename(tmp, path)
+    while True:
+        previous = None
+        try:
+            if os.path.exists(path) and _exchange(tmp, path):
+                previous = tmp  # now holds what was replaced
+            else:
+                if os.path.exists(path):
+                    previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
+                    os.rename(path, previous)
+                os.rename(tmp, path)
+            break
+        except OSError as err:  # path appeared (ENOTEMPTY, EEXIST) or vanished (ENOENT) since the check
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or not os.path.isdir(tmp):
+                raise
     _fsync_dir(parent)
     if previous:
-        LocalFileSystem().rm(previous, recursive=True)
+        with contextlib.suppress(FileNotFoundError):  # gc(incomplete_after=0) may have swept it already
+            LocalFileSystem().rm(previous, recursive=True)
 
 
-def _remove_local(path: str) -> None:
+def remove_local_dir(path: str) -> None:
+    """Delete a local file or directory by renaming it to a hidden ``.deleting-`` sibling first.
+
+    The rename is atomic: the entry vanishes from listings before its files do, and a concurrent rename of
+    ``path`` (a commit) either happens first (then this raises ``FileNotFoundError``) or fails.
+    """
     trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
-    os.rename(path, trash)  # atomic: the directory vanishes from listings before its files do
+    os.rename(path, trash)
     LocalFileSystem().rm(trash, recursive=True)
 
 
@@ -399,7 +424,7 @@ def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None
     with storage_errors("delete checkpoint", uri):
         if is_local(fs):
             if os.path.exists(path):
-                _remove_local(path)
+                remove_local_dir(path)
         else:
             _delete_remote(fs, path)
 
