@@ -395,18 +395,23 @@ def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, source: st
 
 def _read_member(fs: fsspec.AbstractFileSystem, uri: str, path: str, name: str, limit: int) -> bytes:
     """At most ``limit + 1`` bytes of file ``name`` of a checkpoint; locally only a regular file inside it."""
-    if is_local(fs):
-        target = os.path.realpath(os.path.join(path, name))
-        if os.path.dirname(target) != os.path.realpath(path):
-            raise CheckpointFormatError(
-                f"Checkpoint {uri} is unsafe: {name} is a link to {target}, outside the checkpoint directory; "
-                "refusing to read it"
-            )
-        if os.path.exists(target) and not os.path.isfile(target):
-            raise CheckpointFormatError(
-                f"Checkpoint {uri} is unsafe: {name} is not a regular file; refusing to read it"
-            )
+    check_member(fs, uri, path, name)
     return fs.cat_file(join(path, name), start=0, end=limit + 1)
+
+
+def check_member(fs: fsspec.AbstractFileSystem, uri: str, path: str, name: str) -> None:
+    """Locally, raise ``CheckpointFormatError`` unless file ``name`` of the checkpoint at ``path`` is a regular
+    file inside it (not a link leading out, a FIFO or a device); object stores have neither."""
+    if not is_local(fs):
+        return
+    target = os.path.realpath(os.path.join(path, name))
+    if os.path.dirname(target) != os.path.realpath(path):
+        raise CheckpointFormatError(
+            f"Checkpoint {uri} is unsafe: {name} is a link to {target}, outside the checkpoint directory; "
+            "refusing to read it"
+        )
+    if os.path.exists(target) and not os.path.isfile(target):
+        raise CheckpointFormatError(f"Checkpoint {uri} is unsafe: {name} is not a regular file; refusing to read it")
 
 
 def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str) -> None:
