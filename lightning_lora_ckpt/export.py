@@ -76,6 +76,7 @@ _METADATA = {"format": "pt"}
 _SHARD_PATTERN = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
 
 ProgressFn = Callable[[str, int, int], None]
+_BLOCK_ELEMENTS = 1 << 22  # float32 elements of a weight folded at a time (16 MiB; smaller blocks are slower)
 _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.startswith("linux") else None
 
 
@@ -94,13 +95,23 @@ class LoRADelta:
         out_features, in_features = self.lora_B.shape[0], self.lora_A.shape[1]
         return (in_features, out_features) if self.fan_in_fan_out else (out_features, in_features)
 
-    def merged(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight + delta`` in float32 (a new tensor: ``weight`` is never modified)."""
-        out = weight.to(torch.float32, copy=True)
-        lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
-        if self.fan_in_fan_out:  # (B @ A).T == A.T @ B.T
-            return out.addmm_(lora_A.T, lora_B.T, alpha=self.scale)
-        return out.addmm_(lora_B, lora_A, alpha=self.scale)
+    def merged(self, weight: torch.Tensor, dtype: torch.dtype, scratch: torch.Tensor) -> torch.Tensor:
+        """``weight + delta`` summed in float32 and cast to ``dtype`` (a new tensor: ``weight`` is never modified).
+
+        Rows are folded a block at a time in ``scratch``, a float32 buffer of at least one row that the
+        caller reuses for every weight: a float32 copy of each weight, freed between the results kept
+        for the shard, would fragment the heap and add hundreds of MB to the peak.
+        """
+        # Row i of the update is left[i] @ right; (B @ A).T == A.T @ B.T for (in, out) weights.
+        left, right = (self.lora_A.T, self.lora_B.T) if self.fan_in_fan_out else (self.lora_B, self.lora_A)
+        rows, cols = weight.shape
+        step = scratch.numel() // cols
+        out = torch.empty(weight.shape, dtype=dtype)
+        for start in range(0, rows, step):
+            end = min(start + step, rows)
+            block = scratch[: (end - start) * cols].view(end - start, cols).copy_(weight[start:end])
+            out[start:end] = block.addmm_(left[start:end], right, alpha=self.scale)
+        return out
 
 
 def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any], source: str) -> dict[str, LoRADelta]:
@@ -143,7 +154,8 @@ def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]
             )
         module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
         scale = module_alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
-        deltas[f"{module}.weight"] = LoRADelta(lora_A, lora_B, scale, bool(adapter_config.get("fan_in_fan_out")))
+        fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
+        deltas[f"{module}.weight"] = LoRADelta(lora_A.float(), lora_B.float(), scale, fan_in_fan_out)
     return deltas
 
 
@@ -251,11 +263,12 @@ def _write_shards(
     missing = {f: set(names) for f, names in plan.filename_to_tensors.items()}
     pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in missing}
     total, written = sum(sizes.values()), 0
+    scratch = torch.empty(max([_BLOCK_ELEMENTS, *(d.shape[1] for d in deltas.values())]))  # float32, see merged()
     for name, tensor in base.tensors:
-        delta = deltas.get(name)
-        merged = delta.merged(tensor) if delta is not None else tensor
+        delta, target = deltas.get(name), out_dtype(tensor.dtype)
         filename = plan.tensor_to_filename[name]
-        pending[filename][name] = merged.to(out_dtype(tensor.dtype)).contiguous()
+        merged = delta.merged(tensor, target, scratch) if delta is not None else tensor.to(target).contiguous()
+        pending[filename][name] = merged
         missing[filename].discard(name)
         if not missing[filename]:
             save_file(pending.pop(filename), os.path.join(directory, filename), metadata=_METADATA)

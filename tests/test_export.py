@@ -147,6 +147,25 @@ def test_fan_in_fan_out_conv1d_layers(tmp_path: Path) -> None:
     torch.testing.assert_close(merged_logits(out), model_logits(module.model), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_a_delta_folded_block_by_block_equals_the_whole_update(fan_in_fan_out: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    lora_A, lora_B = torch.randn(4, 24, generator=generator), torch.randn(10, 4, generator=generator)
+    delta = export_module.LoRADelta(lora_A, lora_B, 0.5, fan_in_fan_out)
+    weight = torch.randn(delta.shape, generator=generator)
+    original = weight.clone()
+    update = lora_B @ lora_A
+    expected = weight + 0.5 * (update.T if fan_in_fan_out else update)
+    # One block for the whole weight; then blocks of 3 rows, the last one shorter.
+    for scratch in (torch.empty(weight.numel()), torch.empty(3 * weight.shape[1] + 1)):
+        torch.testing.assert_close(delta.merged(weight, torch.float32, scratch), expected, atol=1e-6, rtol=0)
+        rounded = delta.merged(weight.bfloat16(), torch.bfloat16, scratch)
+        assert rounded.dtype == torch.bfloat16
+        reference = weight.bfloat16().float() + 0.5 * (update.T if fan_in_fan_out else update)
+        assert torch.equal(rounded, reference.bfloat16())  # summed in float32, rounded once
+    assert torch.equal(weight, original)
+
+
 def save_peft_adapter(tmp_path: Path, config: LoraConfig, name: str) -> tuple[str, torch.Tensor]:
     """Save a PEFT model built directly (random lora_B) as a sampler checkpoint; return its URI and logits."""
     base = load_base_model("tiny-qwen3")

@@ -189,13 +189,22 @@ def assert_same_state(actual: Any, expected: Any, path: str = "") -> None:
         assert actual == expected, path
 
 
+def train_sampler(tmp_path_factory: pytest.TempPathFactory, quantization: str) -> tuple[LoRAModule, str]:
+    """A rank-4 adapter trained 2 steps on the quantized base, and its sampler checkpoint."""
+    io = LoRACheckpointIO(root=str(tmp_path_factory.mktemp(quantization)), run_id="run", async_save=False)
+    module = LoRAModule(**MODULE_KWARGS, quantization=quantization)
+    make_trainer(io, max_steps=2).fit(module, batch_loader(2))
+    return module, module.save_weights_for_sampler(quantization)
+
+
 @pytest.fixture(scope="module")
 def nf4_sampler(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoRAModule, str]:
-    """A rank-4 adapter trained 2 steps on the nf4 base, and its sampler checkpoint."""
-    io = LoRACheckpointIO(root=str(tmp_path_factory.mktemp("nf4")), run_id="run", async_save=False)
-    module = LoRAModule(**MODULE_KWARGS, quantization="nf4")
-    make_trainer(io, max_steps=2).fit(module, batch_loader(2))
-    return module, module.save_weights_for_sampler("nf4")
+    return train_sampler(tmp_path_factory, "nf4")
+
+
+@pytest.fixture(scope="module")
+def int8_sampler(tmp_path_factory: pytest.TempPathFactory) -> tuple[LoRAModule, str]:
+    return train_sampler(tmp_path_factory, "int8")
 
 
 def test_qlora_checkpoint_is_peft_format_and_loads_on_the_fp_base(nf4_sampler, trained) -> None:
@@ -221,17 +230,20 @@ def test_qlora_checkpoint_is_peft_format_and_loads_on_the_fp_base(nf4_sampler, t
     assert all(torch.equal(expected[k], v) for k, v in adapter(on_nf4).items())
 
 
-def test_merging_a_qlora_checkpoint_folds_it_into_the_fp_base(nf4_sampler, tmp_path: Path) -> None:
-    module, uri = nf4_sampler
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_merging_a_qlora_checkpoint_folds_it_into_the_fp_base(
+    quantization: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    module, uri = request.getfixturevalue(f"{quantization}_sampler")
     out = merge_adapter(uri, tmp_path / "merged", dtype="float32")
     assert "quantization_config" not in json.loads(Path(out, "config.json").read_text())
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert bnb_layers(merged, "nf4") == 0
+    assert bnb_layers(merged, quantization) == 0
     full_precision = LoRAModule.from_checkpoint(uri, quantization=None).eval()
     with torch.no_grad():
         logits = merged(input_ids=IDS).logits
         torch.testing.assert_close(logits, full_precision(IDS), atol=1e-4, rtol=1e-4)
-        assert (logits - module.eval()(IDS)).abs().max() > 0.1  # not the nf4 model's
+        assert (logits - module.eval()(IDS)).abs().max() > 0.1  # not the quantized model's
 
 
 def test_in_memory_snapshot_on_int8_base_shares_it_and_stays_fixed() -> None:
