@@ -103,15 +103,18 @@ def _run_plan(
     """Child process: the saves of ``plan``, reporting each start and commit on the pipe ``fd``.
 
     It first connects to the storage (a listing) and reports ``ready``: kill delays count from there, so
-    they spread over the saves rather than the set-up of a new S3 session after the fork.
+    they spread over the saves rather than the set-up of a new S3 session after the fork. ``end`` reports
+    the seconds from ready to the last commit (the process's exit, which can take long, is left out).
     """
     try:
         CheckpointStore(root, options).list_runs()
         os.write(fd, b"ready\n")
+        ready = time.perf_counter()
         for k, (item, checkpoint) in enumerate(zip(plan, checkpoints, strict=True)):
             os.write(fd, f"start {k}\n".encode())
             save(root, options, item, checkpoint, version)
             os.write(fd, f"done {k}\n".encode())
+        os.write(fd, f"end {time.perf_counter() - ready}\n".encode())
     except BaseException as err:
         os.write(fd, f"error {type(err).__name__}: {err}\n".encode())
         raise
@@ -124,7 +127,7 @@ class Outcome:
     exitcode: int
     started: set[int]
     done: set[int]
-    seconds: float
+    seconds: float  # from ready to the last commit, or to the kill
 
     @property
     def phase(self) -> str:
@@ -157,6 +160,7 @@ def fork_plan(target: Callable[..., None], args: tuple[Any, ...], kill_after: fl
     )
     started = {int(k) for what, k in events if what == "start"}
     done = {int(k) for what, k in events if what == "done"}
+    seconds = next((float(s) for what, s in events if what == "end"), seconds)
     return Outcome(child.exitcode, started, done, seconds)
 
 
