@@ -13,7 +13,7 @@ import os
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import storage, uris
@@ -104,25 +104,49 @@ class SamplingClient:
     def load_adapter(
         self, uri: str | os.PathLike[str], root: str | None = None, storage_options: dict[str, Any] | None = None
     ) -> AdapterIdentity:
-        """Serve another adapter of the same base (any LoRA rank or targets) without reloading the base."""
+        """Serve another adapter of the same base (any LoRA rank or targets) without reloading the base.
+
+        An adapter with the current one's LoRA config (e.g. a later checkpoint of the same run) is copied
+        into the current adapter's tensors; any other is added next to it, switched to, and the old one
+        deleted. Either way nothing changes unless the whole new adapter fits.
+        """
         uri = uris.resolve(uri, root)
         manifest = storage.read_manifest(uri, storage_options)
         manifest.base_model.check_compatible(self.base_model, uri)
         files = storage.read_files(uri, manifest, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], storage_options)
         checkpoint = decode_checkpoint(manifest, files, uri)
         config = {k: v for k, v in checkpoint[LORA_KEY]["adapter_config"].items() if k in _LORA_FIELDS}
+        lora_config = LoraConfig(**{**config, "inference_mode": True})
+        if not self._copy_into_active(lora_config, checkpoint["state_dict"]):
+            self._add_and_switch(lora_config, checkpoint["state_dict"], uri)
+        self.identity = AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
+        return self.identity
+
+    @torch.no_grad()
+    def _copy_into_active(self, config: LoraConfig, state: dict[str, torch.Tensor]) -> bool:
+        """Copy ``state`` into the active adapter's tensors if it has the same config, keys and shapes."""
+        active = self.model.active_adapter
+        current = self.model.peft_config[active]
+        if any(getattr(current, f) != getattr(config, f) for f in _LORA_FIELDS - {"inference_mode"}):
+            return False
+        tensors = get_peft_model_state_dict(self.model, adapter_name=active)  # views of its parameters
+        if tensors.keys() != state.keys() or any(tensors[k].shape != state[k].shape for k in state):
+            return False
+        for key, tensor in state.items():
+            tensors[key].copy_(tensor)
+        return True
+
+    def _add_and_switch(self, config: LoraConfig, state: dict[str, torch.Tensor], uri: str) -> None:
         old, self._adapters = self.model.active_adapter, self._adapters + 1
         name = f"adapter{self._adapters}"
-        self.model.add_adapter(name, LoraConfig(**{**config, "inference_mode": True}))
-        result = set_peft_model_state_dict(self.model, checkpoint["state_dict"], adapter_name=name)
+        self.model.add_adapter(name, config)
+        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
         if any(name in key for key in result.missing_keys):
             self.model.delete_adapter(name)
             raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
         self.model.set_adapter(name)
         self.model.delete_adapter(old)
         self.model.eval()
-        self.identity = AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
-        return self.identity
 
     # -- scoring and sampling ---------------------------------------------------------------------
     @torch.no_grad()

@@ -107,6 +107,22 @@ def test_hotload_equals_a_fresh_client_and_refuses_another_base(trained, tmp_pat
     assert client.identity == identity
 
 
+def test_hotload_of_an_adapter_with_the_same_config_copies_it_in_place(trained) -> None:
+    module, io, _ = trained
+    before = module.save_weights_for_sampler("before")
+    make_trainer(io, max_steps=2).fit(module, batch_loader(2), ckpt_path=None)
+    after = module.save_weights_for_sampler("after")
+    client = SamplingClient.from_checkpoint(before)
+    parameters = dict(client.model.named_parameters())
+    old_logprobs = client.compute_logprobs([*PROMPT, 7, 8])
+    assert client.load_adapter(after).name == "after"
+    assert all(p is parameters[n] for n, p in client.model.named_parameters())  # no new adapter: copied into it
+    fresh = SamplingClient.from_checkpoint(after)
+    assert client.compute_logprobs([*PROMPT, 7, 8]) == fresh.compute_logprobs([*PROMPT, 7, 8]) != old_logprobs
+    params = SamplingParams(max_tokens=6, stop=[], seed=1)
+    assert client.sample(PROMPT, params, 3) == fresh.sample(PROMPT, params, 3)
+
+
 def test_sample_command(sampler_uri: str) -> None:
     args = ["sample", sampler_uri, "--prompt", "The capital of France", "--max-tokens", "5", "--seed", "0", "--json"]
     out = subprocess.run([sys.executable, "-m", "lightning_lora_ckpt.cli", *args], capture_output=True, text=True)
