@@ -38,13 +38,12 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from . import storage, uris
 from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .models import config_fingerprint, is_builtin, load_base_model, load_config, load_tokenizer
+from .models import config_fingerprint, float_dtype, is_builtin, load_base_model, load_config, load_tokenizer
 from .payload import LORA_KEY, decode_checkpoint
 
 log = logging.getLogger(__name__)
 
 #: Output dtypes of ``merge_adapter``.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Dtype names in safetensors headers that a base may hold (a float8 base is a quantized checkpoint).
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -400,12 +399,7 @@ def merge_adapter(
     The model is written to a temporary sibling of ``output_dir`` and renamed into place at the end, so a
     failure never leaves a partial model. Returns the absolute path of ``output_dir``.
     """
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not supported; use one of {sorted(DTYPES)}")
-        dtype = DTYPES[dtype]
-    elif dtype not in DTYPES.values():
-        raise ValueError(f"dtype={dtype} is not supported; use one of {sorted(DTYPES)}")
+    dtype = float_dtype(dtype, "dtype")
     _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
     output_dir = os.path.abspath(os.fspath(output_dir))
     _prepare_output(output_dir, overwrite)

@@ -109,7 +109,7 @@ def load_base_model(
     A built-in name quantizes the same weights it gives unquantized, so the quantized base is a
     deterministic function of (name, dtype, quantization).
     """
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = float_dtype(dtype, "dtype")
     bnb_config = quantization_config(quantization, dtype)
     if not is_builtin(name_or_path):
         # device_map="cpu": quantize where every base is built; Lightning moves the module to its device.
@@ -135,6 +135,18 @@ def load_base_model(
         )  # from_pretrained returns eval mode; from_config, like the unquantized build, train mode
     model.config._name_or_path = name_or_path
     return _without_cpu_repacking(model)
+
+
+#: The floating dtypes a base, a merged model or sampler weights may be stored in, by name.
+FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def float_dtype(dtype: str | torch.dtype, argument: str) -> torch.dtype:
+    """``dtype`` (a name or a torch dtype) as one of :data:`FLOAT_DTYPES`; ``ValueError`` naming ``argument`` otherwise."""
+    resolved = FLOAT_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in FLOAT_DTYPES.values():
+        raise ValueError(f"{argument}={dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
+    return resolved
 
 
 def quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:

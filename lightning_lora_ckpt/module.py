@@ -23,7 +23,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from . import storage, uris
 from .io import LoRACheckpointIO
 from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .models import config_fingerprint, load_base_model, load_tokenizer, require_bitsandbytes
+from .models import config_fingerprint, float_dtype, load_base_model, load_tokenizer, require_bitsandbytes
 from .payload import LORA_KEY, decode_checkpoint
 from .uris import CheckpointType
 
@@ -59,6 +59,9 @@ class LoRAModule(LightningModule):
         seed: seeds the adapter's initialisation (the base of a built-in name is always the same).
         user_metadata: JSON-serialisable dict recorded in every checkpoint's manifest.
         dtype: dtype of the frozen base (the adapter is kept in float32).
+        sampler_dtype: dtype of the adapter in sampler checkpoints (``None``: ``dtype``, the precision it
+            is served at; a bfloat16 base gets sampler weights of half the bytes). Training checkpoints
+            always keep the float32 adapter, so resume is exact.
         revision: HF revision of ``base_model``.
 
     Batches are dicts with ``input_ids``, ``target_tokens`` and ``weights`` (and optionally ``attention_mask``).
@@ -82,6 +85,7 @@ class LoRAModule(LightningModule):
         seed: int = 0,
         user_metadata: dict[str, Any] | None = None,
         dtype: str = "float32",
+        sampler_dtype: str | None = None,
         revision: str | None = None,
     ) -> None:
         super().__init__()
@@ -95,6 +99,7 @@ class LoRAModule(LightningModule):
             raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {sorted(_OPTIMIZERS)}")
         if _OPTIMIZERS[optimizer]:
             require_bitsandbytes(f"optimizer={optimizer!r}")
+        self.sampler_dtype = float_dtype(sampler_dtype or dtype, "sampler_dtype" if sampler_dtype else "dtype")
         base = load_base_model(base_model, dtype=dtype, revision=revision, quantization=quantization)
         for p in base.parameters():
             p.requires_grad_(False)
@@ -199,7 +204,10 @@ class LoRAModule(LightningModule):
         # tensors under FSDP2, on rank 0) under PEFT's key names: a dict lookup per adapter tensor, not
         # another walk over every module of the base.
         gathered = checkpoint["state_dict"]
-        checkpoint["state_dict"] = {p: gathered[m] for p, m in self.adapter_keys.items() if m in gathered}
+        adapter = {p: gathered[m] for p, m in self.adapter_keys.items() if m in gathered}
+        if "optimizer_states" not in checkpoint:  # sampler weights (weights_only): stored at serving precision
+            adapter = {k: v.to(self.sampler_dtype) for k, v in adapter.items()}
+        checkpoint["state_dict"] = adapter
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model_ref),

@@ -235,3 +235,19 @@ def test_overwrite_swaps_in_the_new_checkpoint(tmp_path) -> None:
     assert [n for n in os.listdir(tmp_path / "run" / "weights")] == ["final"]  # no hidden leftovers
     with pytest.raises(FileExistsError):
         io.save_checkpoint(fake_checkpoint(3), "final")
+
+
+@pytest.mark.parametrize("sampler_dtype", [None, "float32"])
+def test_sampler_weights_are_stored_at_serving_precision(tmp_path: Path, sampler_dtype: str | None) -> None:
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="run", async_save=False)
+    module = LoRAModule(**{**MODULE_KWARGS, "dtype": "bfloat16", "sampler_dtype": sampler_dtype})
+    make_trainer(io, max_steps=2).fit(module, batch_loader(2))
+    sampler, training = module.save_weights_for_sampler("s"), module.save_state("t")
+    served = safetensors.torch.load_file(f"{sampler}/adapter_model.safetensors")
+    exact = safetensors.torch.load_file(f"{training}/adapter_model.safetensors")
+    assert {t.dtype for t in exact.values()} == {torch.float32}  # training state: the adapter as trained
+    want = torch.bfloat16 if sampler_dtype is None else torch.float32
+    assert {t.dtype for t in served.values()} == {want}
+    assert all(torch.equal(served[k], exact[k].to(want)) for k in exact)
+    loaded = LoRAModule.from_checkpoint(sampler).adapter_state_dict()  # loads into the float32 adapter
+    assert all(torch.equal(loaded[k], served[k].float()) for k in served)
