@@ -31,8 +31,9 @@ class LoRACheckpointIO(CheckpointIO):
     Args:
         root: where bare checkpoint names and ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
         run_id: the run bare names are saved under (a fresh ``run-<time>-<hex>`` id if None).
-        async_save: snapshot tensors to CPU on the training thread and write in a background thread;
-            saves commit in order, errors surface at the next save or at the end of fit.
+        async_save: copy the tensors to the CPU in a background thread while the next training step
+            computes (its optimizer update waits for the copy), then write them in another; saves
+            commit in order, errors surface at the next save or at the end of fit.
         storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint; on
             ``s3://`` the retry and timeout settings of ``config_kwargs`` default to
             ``storage.S3_CONFIG_DEFAULTS``).
@@ -62,6 +63,8 @@ class LoRACheckpointIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self.on_error = on_error
         self._executor: ThreadPoolExecutor | None = None
+        self._stager: ThreadPoolExecutor | None = None
+        self._staging: list[Future[None]] = []
         self._pending: list[Future[Any]] = []
         self._write_failed = False
 
@@ -94,7 +97,7 @@ class LoRACheckpointIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         self._raise_failed()
         ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
-        payload = snapshot_checkpoint(checkpoint, copy_tensors=self.async_save)
+        payload = snapshot_checkpoint(checkpoint, defer_copy=self.async_save)
         uri = self.resolve(path, payload.checkpoint_type)
         layout = uris.split_checkpoint_uri(uri)
         if not layout:
@@ -111,7 +114,11 @@ class LoRACheckpointIO(CheckpointIO):
                 f"{layout[2]} checkpoints; save under {uris.TYPE_DIRS[payload.checkpoint_type]}/ instead"
             )
         payload.user_metadata.update(extra_metadata)
-        self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite), is_save=True)
+        if self.async_save:
+            staged = self._stage(payload)
+            self._submit(lambda: (staged.result(), self._write(payload, uri, ttl_seconds, overwrite)), is_save=True)
+        else:
+            self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite), is_save=True)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
@@ -143,11 +150,35 @@ class LoRACheckpointIO(CheckpointIO):
     def teardown(self) -> None:
         """Wait for every pending write; raise the first error."""
         self.wait()
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
+        for executor in (self._executor, self._stager):
+            if executor is not None:
+                executor.shutdown()
+        self._executor = self._stager = None
 
     # -- background writing -----------------------------------------------------------------------
+    def _stage(self, payload: CheckpointPayload) -> Future[None]:
+        """Copy the payload's tensors in the background while the next step computes (see ``wait_for_snapshots``)."""
+        if self._stager is None:
+            self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-stager")
+        staged = self._stager.submit(payload.stage)
+        self._staging.append(staged)
+        return staged
+
+    @property
+    def snapshots_pending(self) -> bool:
+        """Whether an asynchronous save may still be reading the live tensors."""
+        return bool(self._staging)
+
+    def wait_for_snapshots(self) -> None:
+        """Block until every asynchronous save queued so far has copied its tensors.
+
+        Until then a save reads the live adapter and optimizer tensors: ``LoRAModule`` calls this before
+        the next optimizer update changes them (after that step's forward and backward ran).
+        """
+        staging, self._staging = self._staging, []
+        for staged in staging:
+            staged.exception()  # a failed copy is raised by its save, at the next save or the end of fit
+
     def wait(self) -> None:
         """Block until every queued save and deletion has finished; raise the first error."""
         pending, self._pending = self._pending, []

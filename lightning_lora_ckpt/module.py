@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from . import storage, uris
@@ -127,6 +128,7 @@ class LoRAModule(LightningModule):
         # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
         self.strict_loading = False
         self._restore_optimizer_from: dict[str, Any] | None = None
+        self._snapshot_hooked: set[int] = set()  # ids of the optimizers that wait for async snapshots
 
     # -- model ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -208,12 +210,45 @@ class LoRAModule(LightningModule):
         if "optimizer_states" not in checkpoint:  # sampler weights (weights_only): stored at serving precision
             adapter = {k: v.to(self.sampler_dtype) for k, v in adapter.items()}
         checkpoint["state_dict"] = adapter
+        self._hold_updates_for_async_snapshots()
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model_ref),
             "user_metadata": self.user_metadata,
         }
         checkpoint["rng_states"] = _collect_rng_states()
+
+    def _hold_updates_for_async_snapshots(self) -> None:
+        """Make every optimizer update wait until asynchronous saves have copied the tensors it changes.
+
+        A torch step pre-hook (so a user's own ``on_before_optimizer_step`` cannot skip it) wraps the
+        step's closure: that step's forward and backward still run while the copy is made.
+        """
+        io = self.trainer.strategy.checkpoint_io
+        if not (isinstance(io, LoRACheckpointIO) and io.async_save):
+            return
+
+        def hook(optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            if not io.snapshots_pending:
+                return None
+            closure = kwargs.get("closure", args[0] if args else None)
+            if closure is None:
+                io.wait_for_snapshots()
+                return None
+
+            def closure_then_wait() -> Any:
+                loss = closure()
+                io.wait_for_snapshots()
+                return loss
+
+            if "closure" in kwargs:
+                return args, {**kwargs, "closure": closure_then_wait}
+            return (closure_then_wait, *args[1:]), kwargs
+
+        for optimizer in self.trainer.optimizers:
+            if id(optimizer) not in self._snapshot_hooked:
+                optimizer.register_step_pre_hook(hook)
+                self._snapshot_hooked.add(id(optimizer))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         lora = checkpoint.get(LORA_KEY)
@@ -250,11 +285,20 @@ class LoRAModule(LightningModule):
                 raise ValueError(
                     f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, the module expects {expected[key]}"
                 )
-        # torch's distributed state-dict API loads full tensors into plain, DDP, FSDP1 and FSDP2 (sharded)
-        # parameters alike; FSDP1 must be addressed through its root wrapper.
-        strategy_model = self._trainer.strategy.model if self._trainer is not None else None
-        root = strategy_model if isinstance(strategy_model, FullyShardedDataParallel) else self
         by_module_key = {self.adapter_keys[k]: state_dict[k] for k in self.adapter_keys}
+        strategy_model = self._trainer.strategy.model if self._trainer is not None else None
+        if isinstance(strategy_model, FullyShardedDataParallel):  # FSDP1: addressed through its root wrapper
+            root: torch.nn.Module = strategy_model
+        else:
+            params = {name: self.get_parameter(name) for name in by_module_key}
+            if not any(isinstance(p, DTensor) for p in params.values()):
+                # Plain and DDP parameters: a copy each, not a walk over every module of the base.
+                with torch.no_grad():
+                    for name, tensor in by_module_key.items():
+                        params[name].copy_(tensor)
+                return
+            root = self
+        # torch's distributed state-dict API loads full tensors into sharded (FSDP1, FSDP2) parameters.
         set_model_state_dict(root, by_module_key, options=StateDictOptions(full_state_dict=True, strict=False))
 
     # -- the hosted-service style API -------------------------------------------------------------

@@ -71,6 +71,11 @@ class CheckpointPayload:
     def lora_rank(self) -> int:
         return int(self.adapter_config.get("r", 0))
 
+    def stage(self) -> None:
+        """Replace every tensor by a contiguous CPU copy, which later in-place updates cannot change."""
+        self.adapter = {k: snapshot_tensor(v) for k, v in self.adapter.items()}
+        self.state_tensors = {k: snapshot_tensor(v) for k, v in self.state_tensors.items()}
+
     def to_files(self) -> dict[str, FileContent]:
         """The file contents, in the order of ``FILES``; tensor files are serialised only when written."""
         files: dict[str, FileContent] = {
@@ -90,12 +95,12 @@ def _safetensors_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     )
 
 
-def snapshot_checkpoint(checkpoint: dict[str, Any], copy_tensors: bool = True) -> CheckpointPayload:
-    """Turn a Lightning checkpoint dict into a :class:`CheckpointPayload` holding CPU tensors.
+def snapshot_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False) -> CheckpointPayload:
+    """Turn a Lightning checkpoint dict into a :class:`CheckpointPayload`.
 
-    ``copy_tensors`` copies every tensor, so training may go on while the payload is written (asynchronous
-    saves). A synchronous save, written before training resumes, passes False: tensors already on the CPU
-    and contiguous are then used as they are, which spares one copy of the adapter and optimizer state.
+    A synchronous save, written before training resumes, uses tensors already on the CPU as they are.
+    With ``defer_copy`` (asynchronous saves) the payload keeps references to the live tensors, and
+    :meth:`CheckpointPayload.stage` must copy them before training next changes them.
     """
     rest = dict(checkpoint)
     try:
@@ -106,11 +111,10 @@ def snapshot_checkpoint(checkpoint: dict[str, Any], copy_tensors: bool = True) -
             "use lightning_lora_ckpt.LoRAModule as the LightningModule"
         ) from None
     adapter = rest.pop("state_dict")
-    adapter = {k: snapshot_tensor(v) for k, v in adapter.items()} if copy_tensors else _on_cpu(adapter)
     checkpoint_type: CheckpointType = "training" if "optimizer_states" in rest else "sampler"
     payload = CheckpointPayload(
         checkpoint_type=checkpoint_type,
-        adapter=adapter,
+        adapter={k: v.detach() for k, v in adapter.items()} if defer_copy else _on_cpu(adapter),
         adapter_config=lora["adapter_config"],
         base_model=BaseModelRef(**lora["base_model"]),
         user_metadata=dict(lora.get("user_metadata") or {}),
@@ -118,8 +122,8 @@ def snapshot_checkpoint(checkpoint: dict[str, Any], copy_tensors: bool = True) -
         epoch=int(rest.get("epoch", 0)),
     )
     if checkpoint_type == "training":
-        payload.state_tree, tensors = encode_state(rest, copy_tensors=copy_tensors)
-        payload.state_tensors = tensors if copy_tensors else _on_cpu(tensors)
+        payload.state_tree, tensors = encode_state(rest)
+        payload.state_tensors = tensors if defer_copy else _on_cpu(tensors)
     return payload
 
 

@@ -36,11 +36,10 @@ def snapshot_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
-def encode_state(obj: Any, copy_tensors: bool = True) -> tuple[Any, dict[str, torch.Tensor]]:
-    """Encode ``obj`` into (JSON-serialisable tree, tensors by name).
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Encode ``obj`` into (JSON-serialisable tree, tensors by name); the tensors are ``obj``'s own.
 
-    Tensors are snapshotted to CPU (``copy_tensors``) so the caller may keep training while they are
-    written. Raises :class:`StateEncodingError` naming the key path of a value that is not supported.
+    Raises :class:`StateEncodingError` naming the key path of a value that is not supported.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -48,7 +47,7 @@ def encode_state(obj: Any, copy_tensors: bool = True) -> tuple[Any, dict[str, to
         name = path or "value"
         while name in tensors:
             name += "_"
-        tensors[name] = snapshot_tensor(value) if copy_tensors else value
+        tensors[name] = value
         return name
 
     def enc(value: Any, path: str) -> Any:

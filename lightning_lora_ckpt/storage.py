@@ -369,8 +369,8 @@ def read_files(
     refused without being loaded.
     """
     fs, path = url_to_fs(uri, storage_options)
-    out: dict[str, bytes] = {}
-    for name in names:
+
+    def read(name: str) -> bytes:
         expected = manifest.files[name]
         try:
             data = _read_member(fs, uri, path, name, expected.size)
@@ -381,8 +381,11 @@ def read_files(
                 f"Checkpoint {uri} is damaged: {name} is larger than the {expected.size} bytes the manifest lists"
             )
         check_file(uri, name, expected, len(data), sha256_hex(data))
-        out[name] = data
-    return out
+        return data
+
+    # Files are read and hashed concurrently: both release the GIL, and object stores serve requests in parallel.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), 4)), thread_name_prefix="lora-ckpt-read") as pool:
+        return dict(zip(names, pool.map(read, names), strict=True))
 
 
 def read_capped(fs: fsspec.AbstractFileSystem, path: str, limit: int, source: str) -> bytes:

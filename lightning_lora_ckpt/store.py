@@ -21,7 +21,6 @@ from fsspec.callbacks import Callback
 
 from . import storage, uris
 from .manifest import MANIFEST, CheckpointFormatError, Manifest, utcnow
-from .payload import decode_checkpoint
 from .records import RUN_FILE, Checkpoint, TrainingRun
 from .ttl import parse_duration
 from .uris import KIND_DIRS, CheckpointType
@@ -304,6 +303,8 @@ class CheckpointStore:
             except CheckpointFormatError as err:
                 problems.append(str(err))
         if not problems:  # intact: then it must also decode (checksums alone do not catch a forged manifest)
+            from .payload import decode_checkpoint  # torch and Lightning: not for every command line start-up
+
             try:
                 decode_checkpoint(manifest, files, uri)
             except CheckpointFormatError as err:

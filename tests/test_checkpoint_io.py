@@ -251,3 +251,34 @@ def test_sampler_weights_are_stored_at_serving_precision(tmp_path: Path, sampler
     assert all(torch.equal(served[k], exact[k].to(want)) for k in exact)
     loaded = LoRAModule.from_checkpoint(sampler).adapter_state_dict()  # loads into the float32 adapter
     assert all(torch.equal(loaded[k], served[k].float()) for k in served)
+
+
+def test_async_saves_hold_the_state_of_their_step_while_training_goes_on(tmp_path: Path, monkeypatch) -> None:
+    """The copy runs beside the next step (slowed down here); that step's update waits for it."""
+    from lightning.pytorch.callbacks import Callback
+
+    from lightning_lora_ckpt.payload import CheckpointPayload
+
+    stage = CheckpointPayload.stage
+
+    def slow_stage(self: CheckpointPayload) -> None:
+        time.sleep(0.3)  # far longer than a tiny training step: without the wait the next update lands first
+        stage(self)
+
+    monkeypatch.setattr(CheckpointPayload, "stage", slow_stage)
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+
+    class SaveEveryStep(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+            expected[trainer.global_step] = {k: v.clone() for k, v in module.adapter_state_dict().items()}
+            module.save_state(f"step-{trainer.global_step}")
+
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="run", async_save=True)
+    module = LoRAModule(**MODULE_KWARGS)
+    make_trainer(io, max_steps=4, callbacks=[SaveEveryStep()]).fit(module, batch_loader(4))
+    assert sorted(expected) == [1, 2, 3, 4]
+    assert not torch.equal(*(expected[s]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] for s in (1, 4)))
+    for step, adapter in expected.items():
+        saved = io.load_checkpoint(f"step-{step}")
+        assert saved["global_step"] == step
+        assert all(torch.equal(saved["state_dict"][k], adapter[k]) for k in adapter), f"step {step}"

@@ -9,9 +9,11 @@ import pathlib
 import numpy as np
 import pytest
 import torch
+from conftest import fake_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lightning_lora_ckpt.payload import snapshot_checkpoint
 from lightning_lora_ckpt.state_codec import StateEncodingError, decode_state, encode_state
 
 
@@ -52,11 +54,16 @@ def test_roundtrip_of_optimizer_like_state() -> None:
     assert out["__lora_ckpt__"] == "a key that looks like the tag" and out[(1, "x")] == "tuple key"
 
 
-def test_tensors_are_snapshots() -> None:
-    t = torch.zeros(3)
-    tree, tensors = encode_state({"t": t})
-    t.add_(1)
-    assert torch.equal(decode_state(tree, tensors)["t"], torch.zeros(3))
+def test_a_staged_payload_is_a_snapshot() -> None:
+    checkpoint = fake_checkpoint(step=1)
+    payload = snapshot_checkpoint(checkpoint, defer_copy=True)
+    live = [*checkpoint["state_dict"].values(), *payload.state_tensors.values()]
+    payload.stage()
+    for tensor in live:
+        tensor.add_(1)
+    saved = fake_checkpoint(step=1)["state_dict"]
+    assert all(torch.equal(payload.adapter[k], saved[k]) for k in saved)
+    assert not {id(t) for t in payload.state_tensors.values()} & {id(t) for t in live}
 
 
 def test_unsupported_value_names_its_key() -> None:
