@@ -128,7 +128,6 @@ class LoRAModule(LightningModule):
         # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
         self.strict_loading = False
         self._restore_optimizer_from: dict[str, Any] | None = None
-        self._snapshot_hooked: set[int] = set()  # ids of the optimizers that wait for async snapshots
 
     # -- model ------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,28 +226,28 @@ class LoRAModule(LightningModule):
         io = self.trainer.strategy.checkpoint_io
         if not (isinstance(io, LoRACheckpointIO) and io.async_save):
             return
-
-        def hook(optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-            if not io.snapshots_pending:
-                return None
-            closure = kwargs.get("closure", args[0] if args else None)
-            if closure is None:
-                io.wait_for_snapshots()
-                return None
-
-            def closure_then_wait() -> Any:
-                loss = closure()
-                io.wait_for_snapshots()
-                return loss
-
-            if "closure" in kwargs:
-                return args, {**kwargs, "closure": closure_then_wait}
-            return (closure_then_wait, *args[1:]), kwargs
-
+        hook = self._wait_for_snapshots_before_update
         for optimizer in self.trainer.optimizers:
-            if id(optimizer) not in self._snapshot_hooked:
+            if hook not in optimizer._optimizer_step_pre_hooks.values():  # once per optimizer, whatever its lifetime
                 optimizer.register_step_pre_hook(hook)
-                self._snapshot_hooked.add(id(optimizer))
+
+    def _wait_for_snapshots_before_update(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        io = self._trainer.strategy.checkpoint_io if self._trainer is not None else None
+        if not (isinstance(io, LoRACheckpointIO) and io.snapshots_pending):
+            return None
+        closure = kwargs.get("closure", args[0] if args else None)
+        if closure is None:
+            io.wait_for_snapshots()
+            return None
+
+        def closure_then_wait() -> Any:
+            loss = closure()
+            io.wait_for_snapshots()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_wait}
+        return (closure_then_wait, *args[1:]), kwargs
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         lora = checkpoint.get(LORA_KEY)
