@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer, token_batches
+from conftest import MODULE_KWARGS, assert_same_state, batch_loader, make_trainer, token_batches
 from peft import PeftModel
 from test_resume import LossRecorder, StopAt, adapter, shuffled_loader
 from transformers import AutoModelForCausalLM
@@ -170,23 +170,6 @@ def test_adamw8bit_state_round_trips_exactly(tmp_path: Path) -> None:
     assert restored.hparams.optimizer == "adamw8bit" and restored.hparams.quantization == "nf4"
     make_trainer(max_steps=1, callbacks=[probe]).fit(restored, batch_loader(1))
     assert_same_state(probe.state, saved)
-
-
-def assert_same_state(actual: Any, expected: Any, path: str = "") -> None:
-    """Same structure, types, values and dtypes (tensors compared bit for bit)."""
-    assert type(actual) is type(expected), path
-    if isinstance(expected, torch.Tensor):
-        assert actual.dtype == expected.dtype and torch.equal(actual.cpu(), expected.cpu()), path
-    elif isinstance(expected, dict):
-        assert actual.keys() == expected.keys(), path
-        for key in expected:
-            assert_same_state(actual[key], expected[key], f"{path}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), path
-        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
-            assert_same_state(a, e, f"{path}.{i}")
-    else:
-        assert actual == expected, path
 
 
 def train_sampler(tmp_path_factory: pytest.TempPathFactory, quantization: str) -> tuple[LoRAModule, str]:
