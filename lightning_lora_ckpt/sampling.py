@@ -139,11 +139,15 @@ class SamplingClient:
     def _add_and_switch(self, config: LoraConfig, state: dict[str, torch.Tensor], uri: str) -> None:
         old, self._adapters = self.model.active_adapter, self._adapters + 1
         name = f"adapter{self._adapters}"
-        self.model.add_adapter(name, config)
-        result = set_peft_model_state_dict(self.model, state, adapter_name=name)
-        if any(name in key for key in result.missing_keys):
-            self.model.delete_adapter(name)
-            raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
+        try:
+            self.model.add_adapter(name, config)
+            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+            if any(name in key for key in result.missing_keys):
+                raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
+        except BaseException:
+            if name in self.model.peft_config:  # whatever part of it was added goes; the old one stays active
+                self.model.delete_adapter(name)
+            raise
         self.model.set_adapter(name)
         self.model.delete_adapter(old)
         self.model.eval()

@@ -12,7 +12,7 @@ from conftest import MODULE_KWARGS, batch_loader, make_trainer
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient, SamplingParams, load_base_model
+from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient, SamplingParams, load_base_model, sampling
 from lightning_lora_ckpt.storage import read_manifest
 
 PROMPT = [5, 17, 99, 250, 3]
@@ -105,6 +105,26 @@ def test_hotload_equals_a_fresh_client_and_refuses_another_base(trained, tmp_pat
     with pytest.raises(ValueError, match=r"'tiny-llama'.*'tiny-qwen3'"):
         client.load_adapter(llama.save_weights_for_sampler("other-base"))
     assert client.identity == identity
+
+
+def test_a_failed_hotload_leaves_the_client_as_it_was(trained, monkeypatch) -> None:
+    module, io, _ = trained
+    first = module.save_weights_for_sampler("first")
+    wider = LoRAModule(**{**MODULE_KWARGS, "rank": 8, "seed": 3})
+    make_trainer(io, max_steps=1).fit(wider, batch_loader(1))
+    second = wider.save_weights_for_sampler("second")
+    client = SamplingClient.from_checkpoint(first)
+    params = SamplingParams(max_tokens=6, stop=[], seed=1)
+    before, adapters, identity = client.sample(PROMPT, params, 2), set(client.model.peft_config), client.identity
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected failure while loading the adapter tensors")
+
+    monkeypatch.setattr(sampling, "set_peft_model_state_dict", fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        client.load_adapter(second)
+    assert set(client.model.peft_config) == adapters and client.identity == identity
+    assert client.sample(PROMPT, params, 2) == before
 
 
 def test_hotload_of_an_adapter_with_the_same_config_copies_it_in_place(trained) -> None:
