@@ -114,11 +114,14 @@ class LoRACheckpointIO(CheckpointIO):
                 f"{layout[2]} checkpoints; save under {uris.TYPE_DIRS[payload.checkpoint_type]}/ instead"
             )
         payload.user_metadata.update(extra_metadata)
-        if self.async_save:
-            staged = self._stage(payload)
-            self._submit(lambda: (staged.result(), self._write(payload, uri, ttl_seconds, overwrite)), is_save=True)
-        else:
-            self._submit(lambda: self._write(payload, uri, ttl_seconds, overwrite), is_save=True)
+        staged = self._stage(payload) if self.async_save else None
+
+        def write() -> Manifest:
+            if staged is not None:
+                staged.result()
+            return self._write(payload, uri, ttl_seconds, overwrite)
+
+        self._submit(write, is_save=True)
 
     def load_checkpoint(
         self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None
