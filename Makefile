@@ -28,6 +28,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 # Every checkpoint path side by side on a Qwen3-0.6B-shaped model; rewrites docs/benchmarks.{md,json}.

@@ -49,7 +49,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient
-from lightning_lora_ckpt.storage import _fsync_dir as fsync_path
+from lightning_lora_ckpt.storage.local import fsync_path
 
 #: Every row of the results: key -> what it measures.
 ROWS: dict[str, str] = {

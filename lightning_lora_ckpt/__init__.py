@@ -9,32 +9,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from .format.version import __version__
 
 _EXPORTS = {
-    "Checkpoint": "records",
-    "CheckpointConflictError": "store",
-    "CheckpointTTL": "callbacks",
-    "CheckpointWriteError": "storage",
-    "CheckpointFormatError": "manifest",
-    "CheckpointStore": "store",
-    "HubPublishError": "hub",
-    "HubPublisher": "hub",
-    "JSONLDataModule": "data",
-    "LoRACheckpointIO": "io",
-    "LoRAFSDPStrategy": "strategies",
-    "LoRAModelParallelStrategy": "strategies",
-    "LoRAModule": "module",
-    "PeriodicCheckpoint": "callbacks",
-    "SamplingClient": "sampling",
-    "SamplingParams": "sampling",
-    "StateEncodingError": "state_codec",
-    "TrainingRun": "records",
-    "extract_archive": "store",
-    "load_base_model": "models",
-    "load_tokenizer": "models",
-    "merge_adapter": "export",
-    "push_to_hub": "hub",
+    "Checkpoint": "format.records",
+    "CheckpointConflictError": "storage.store",
+    "CheckpointFormatError": "format.strict_json",
+    "CheckpointStore": "storage.store",
+    "CheckpointTTL": "lightning.callbacks",
+    "CheckpointWriteError": "storage.fs",
+    "extract_archive": "storage.archive",
+    "HubPublisher": "lightning.hub_publisher",
+    "HubPublishError": "storage.hub",
+    "JSONLDataModule": "lightning.data",
+    "load_base_model": "modeling.base",
+    "load_tokenizer": "modeling.base",
+    "LoRACheckpointIO": "lightning.checkpoint_io",
+    "LoRAFSDPStrategy": "lightning.strategies",
+    "LoRAModelParallelStrategy": "lightning.strategies",
+    "LoRAModule": "lightning.module",
+    "merge_adapter": "tools.export",
+    "PeriodicCheckpoint": "lightning.callbacks",
+    "push_to_hub": "storage.hub",
+    "SamplingClient": "modeling.sampling",
+    "SamplingParams": "modeling.sampling",
+    "StateEncodingError": "format.state_codec",
+    "TrainingRun": "format.records",
 }
 __all__ = [
     "Checkpoint",
@@ -64,20 +64,22 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from .callbacks import CheckpointTTL, PeriodicCheckpoint
-    from .data import JSONLDataModule
-    from .export import merge_adapter
-    from .hub import HubPublisher, HubPublishError, push_to_hub
-    from .io import LoRACheckpointIO
-    from .manifest import CheckpointFormatError
-    from .models import load_base_model, load_tokenizer
-    from .module import LoRAModule
-    from .records import Checkpoint, TrainingRun
-    from .sampling import SamplingClient, SamplingParams
-    from .state_codec import StateEncodingError
-    from .storage import CheckpointWriteError
-    from .store import CheckpointConflictError, CheckpointStore, extract_archive
-    from .strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
+    from .format.records import Checkpoint, TrainingRun
+    from .format.state_codec import StateEncodingError
+    from .format.strict_json import CheckpointFormatError
+    from .lightning.callbacks import CheckpointTTL, PeriodicCheckpoint
+    from .lightning.checkpoint_io import LoRACheckpointIO
+    from .lightning.data import JSONLDataModule
+    from .lightning.hub_publisher import HubPublisher
+    from .lightning.module import LoRAModule
+    from .lightning.strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
+    from .modeling.base import load_base_model, load_tokenizer
+    from .modeling.sampling import SamplingClient, SamplingParams
+    from .storage.archive import extract_archive
+    from .storage.fs import CheckpointWriteError
+    from .storage.hub import HubPublishError, push_to_hub
+    from .storage.store import CheckpointConflictError, CheckpointStore
+    from .tools.export import merge_adapter
 
 
 def __getattr__(name: str) -> Any:

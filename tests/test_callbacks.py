@@ -17,8 +17,7 @@ import pytest
 import torch
 from conftest import MODULE_KWARGS, FailingMemoryFS, batch_loader, fake_checkpoint, make_trainer
 
-from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO, LoRAModule, PeriodicCheckpoint
-from lightning_lora_ckpt.callbacks import CheckpointTTL
+from lightning_lora_ckpt import CheckpointStore, CheckpointTTL, LoRACheckpointIO, LoRAModule, PeriodicCheckpoint
 
 
 def ids(store: CheckpointStore, run_id: str) -> dict[str, int]:

@@ -19,8 +19,8 @@ from conftest import MODULE_KWARGS, FailingMemoryFS, batch_loader, fake_checkpoi
 from fsspec.implementations.memory import MemoryFileSystem
 
 from lightning_lora_ckpt import CheckpointFormatError, CheckpointStore, LoRACheckpointIO, LoRAModule
-from lightning_lora_ckpt.manifest import Manifest
-from lightning_lora_ckpt.storage import read_files, read_manifest
+from lightning_lora_ckpt.format.manifest import Manifest
+from lightning_lora_ckpt.storage.read import read_files, read_manifest
 
 LORA_TARGETS = [
     "self_attn.q_proj",
@@ -257,15 +257,15 @@ def test_async_saves_hold_the_state_of_their_step_while_training_goes_on(tmp_pat
     """The copy runs beside the next step (slowed down here); that step's update waits for it."""
     from lightning.pytorch.callbacks import Callback
 
-    from lightning_lora_ckpt.payload import CheckpointPayload
+    from lightning_lora_ckpt.format.payload import CheckpointPayload
 
-    stage = CheckpointPayload.stage
+    stage = CheckpointPayload.map_tensors
 
-    def slow_stage(self: CheckpointPayload) -> None:
+    def slow_stage(self: CheckpointPayload, fn) -> None:
         time.sleep(0.3)  # far longer than a tiny training step: without the wait the next update lands first
-        stage(self)
+        stage(self, fn)
 
-    monkeypatch.setattr(CheckpointPayload, "stage", slow_stage)
+    monkeypatch.setattr(CheckpointPayload, "map_tensors", slow_stage)
     expected: dict[int, dict[str, torch.Tensor]] = {}
 
     class SaveEveryStep(Callback):
@@ -277,7 +277,9 @@ def test_async_saves_hold_the_state_of_their_step_while_training_goes_on(tmp_pat
     module = LoRAModule(**MODULE_KWARGS)
     make_trainer(io, max_steps=4, callbacks=[SaveEveryStep()]).fit(module, batch_loader(4))
     assert sorted(expected) == [1, 2, 3, 4]
-    assert not torch.equal(*(expected[s]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] for s in (1, 4)))
+    assert not torch.equal(
+        *(expected[s]["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] for s in (1, 4))
+    )
     for step, adapter in expected.items():
         saved = io.load_checkpoint(f"step-{step}")
         assert saved["global_step"] == step

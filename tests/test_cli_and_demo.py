@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "lightning_lora_ckpt.cli", *args],
+        [sys.executable, "-m", "lightning_lora_ckpt", *args],
         capture_output=True,
         text=True,
         input=stdin,
@@ -131,7 +131,7 @@ def test_make_demo_trains_checkpoints_and_resumes() -> None:
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "examples").glob("*.yaml")))
 def test_example_configs_parse(config: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", f"examples/{config}", "--print_config"],
+        [sys.executable, "-m", "lightning_lora_ckpt", "fit", "-c", f"examples/{config}", "--print_config"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -146,7 +146,7 @@ def test_lifecycle_config_trains_and_autoresumes(tmp_path: Path) -> None:
     config = (REPO / "examples" / "lifecycle.yaml").read_text()
     config = config.replace("root: ./checkpoints", f"root: {root}").replace("examples/data/", f"{REPO}/examples/data/")
     (tmp_path / "lifecycle.yaml").write_text(config)
-    base = [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", str(tmp_path / "lifecycle.yaml")]
+    base = [sys.executable, "-m", "lightning_lora_ckpt", "fit", "-c", str(tmp_path / "lifecycle.yaml")]
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | {"HF_HOME": str(tmp_path / "hf")}
     for extra in (["--trainer.max_steps", "12"], ["--trainer.max_steps", "14", "--ckpt_path", "last"]):
         out = subprocess.run([*base, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

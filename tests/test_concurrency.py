@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 from test_crash import FORK, Save, Source, build_source, check_checkpoint, save
 
-from lightning_lora_ckpt import Checkpoint, CheckpointStore, LoRACheckpointIO, uris
-from lightning_lora_ckpt.manifest import CheckpointFormatError, utcnow
-from lightning_lora_ckpt.storage import CheckpointWriteError
+from lightning_lora_ckpt import Checkpoint, CheckpointStore, CheckpointWriteError, LoRACheckpointIO
+from lightning_lora_ckpt.format import layout as uris
+from lightning_lora_ckpt.format.strict_json import CheckpointFormatError, utcnow
 
 RUN = "shared"
 DAMAGED = -1  # version reported for a checkpoint that fails verification (and loading)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lightning_lora_ckpt import JSONLDataModule, load_tokenizer
-from lightning_lora_ckpt.data import Collator, read_jsonl, tokenize_record
+from lightning_lora_ckpt.lightning.data import Collator, read_jsonl, tokenize_record
 
 TOKENIZER = load_tokenizer("tiny-qwen3")
 DEMO_TRAIN = Path(__file__).resolve().parents[1] / "examples" / "data" / "demo_train.jsonl"

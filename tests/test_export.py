@@ -18,9 +18,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, load_base_model, merge_adapter
-from lightning_lora_ckpt import export as export_module
-from lightning_lora_ckpt.cli import main
-from lightning_lora_ckpt.models import config_fingerprint
+from lightning_lora_ckpt.modeling.base import config_fingerprint
+from lightning_lora_ckpt.tools import export as export_module
+from lightning_lora_ckpt.tools.cli import main
 
 IDS = token_batches(1)[0]["input_ids"]
 
@@ -265,7 +265,7 @@ def test_merge_command_end_to_end(ckpts: dict[str, Any], tmp_path: Path, capsys:
     out = tmp_path / "merged"
     args = ["merge", "lora://run/sampler_weights/s", str(out), "--root", ckpts["root"], "--dtype", "float32"]
     done = subprocess.run(
-        [sys.executable, "-m", "lightning_lora_ckpt.cli", *args, "--max-shard-size", "100KB", "--json"],
+        [sys.executable, "-m", "lightning_lora_ckpt", *args, "--max-shard-size", "100KB", "--json"],
         capture_output=True,
         text=True,
         timeout=120,

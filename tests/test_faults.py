@@ -25,9 +25,8 @@ from lightning_lora_ckpt import (
     LoRACheckpointIO,
     LoRAModule,
     PeriodicCheckpoint,
-    storage,
 )
-from lightning_lora_ckpt.storage import S3_CONFIG_DEFAULTS
+from lightning_lora_ckpt.storage.fs import S3_CONFIG_DEFAULTS, url_to_fs
 
 # Small bounds for the persistent-fault tests: 2 botocore attempts, 1 s timeouts.
 FAST_FAIL = {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 1, "read_timeout": 1}
@@ -67,14 +66,14 @@ def assert_intact(root: str, s3_server: dict[str, Any], uri: str, step: int) -> 
 def test_s3_defaults_fill_only_what_the_user_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("AWS_RETRY_MODE", raising=False)
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
-    fs, _ = storage.url_to_fs("s3://bucket/a", {"anon": True})
+    fs, _ = url_to_fs("s3://bucket/a", {"anon": True})
     assert fs.config_kwargs == S3_CONFIG_DEFAULTS
-    fs, _ = storage.url_to_fs("s3://bucket/a", {"anon": True, "config_kwargs": {"read_timeout": 99}})
+    fs, _ = url_to_fs("s3://bucket/a", {"anon": True, "config_kwargs": {"read_timeout": 99}})
     assert fs.config_kwargs == {**S3_CONFIG_DEFAULTS, "read_timeout": 99}
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "7")  # the user's botocore setting is not overridden
-    fs, _ = storage.url_to_fs("s3://bucket/a", {"anon": True})
+    fs, _ = url_to_fs("s3://bucket/a", {"anon": True})
     assert "retries" not in fs.config_kwargs and fs.config_kwargs["read_timeout"] == S3_CONFIG_DEFAULTS["read_timeout"]
-    fs, _ = storage.url_to_fs("memory://a", None)  # other filesystems get no S3 options
+    fs, _ = url_to_fs("memory://a", None)  # other filesystems get no S3 options
     assert not hasattr(fs, "config_kwargs")
 
 
@@ -161,7 +160,7 @@ def test_training_continues_past_a_failed_save_with_on_error_warn(
     proxy.inject("500", times=None, path_contains="/weights/000004/")  # every request of that save fails
     callback = PeriodicCheckpoint(every_n_train_steps=2, kind="state", keep_last=1)
     trainer = make_trainer(io, max_steps=6, callbacks=[callback])
-    with caplog.at_level(logging.WARNING, logger="lightning_lora_ckpt.io"):
+    with caplog.at_level(logging.WARNING, logger="lightning_lora_ckpt.lightning.checkpoint_io"):
         trainer.fit(LoRAModule(**MODULE_KWARGS), batch_loader())
     assert trainer.global_step == 6
     messages = [r.getMessage() for r in caplog.records]

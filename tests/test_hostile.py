@@ -35,17 +35,19 @@ from lightning_lora_ckpt import (
     SamplingClient,
     merge_adapter,
 )
-from lightning_lora_ckpt.manifest import (
+from lightning_lora_ckpt.format.manifest import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
+    MAX_FILE_BYTES,
     STATE_JSON,
     STATE_TENSORS,
     BaseModelRef,
     FileEntry,
     Manifest,
 )
-from lightning_lora_ckpt.state_codec import decode_training_state, encode_state
+from lightning_lora_ckpt.format.state_codec import decode_state, encode_state
+from lightning_lora_ckpt.format.strict_json import load_json_object
 
 ADAPTER = (MANIFEST, ADAPTER_WEIGHTS, ADAPTER_CONFIG)
 EVERYTHING = (*ADAPTER, STATE_TENSORS, STATE_JSON)
@@ -673,7 +675,8 @@ STATE = {
 
 def decode_or_refuse(raw: bytes) -> dict[str, Any] | None:
     try:
-        return decode_training_state(raw, TENSORS, "fuzz://training_state.json")
+        source = "fuzz://training_state.json"
+        return decode_state(load_json_object(raw, MAX_FILE_BYTES[STATE_JSON], source), TENSORS, source)
     except CheckpointFormatError as err:
         assert "fuzz://training_state.json" in str(err)
         return None
@@ -693,7 +696,7 @@ def test_mutated_training_states_decode_or_are_refused(tree: Any) -> None:
 
 def test_a_valid_training_state_round_trips() -> None:
     tree, tensors = encode_state(STATE)
-    decoded = decode_training_state(json.dumps(tree, allow_nan=False).encode(), tensors, "state")
+    decoded = decode_state(json.loads(json.dumps(tree, allow_nan=False)), tensors, "state")
     assert decoded["optimizer_states"][0]["param_groups"][0]["betas"] == (0.9, 0.99)
     assert set(decoded["optimizer_states"][0]["state"]) == {0} and decoded["misc"]["dtype"] is torch.bfloat16
     assert torch.equal(decoded["misc"]["bf"], TENSORS["bf"]) and decoded["loops"]["blob"] == b"\x00\xff"

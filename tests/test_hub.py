@@ -20,8 +20,16 @@ from hub_server import HubServer
 from huggingface_hub import ModelCard, constants, snapshot_download
 from peft import PeftModel
 
-from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO, LoRAModule, PeriodicCheckpoint, load_base_model
-from lightning_lora_ckpt.hub import HubPublisher, HubPublishError, push_to_hub
+from lightning_lora_ckpt import (
+    CheckpointStore,
+    HubPublisher,
+    HubPublishError,
+    LoRACheckpointIO,
+    LoRAModule,
+    PeriodicCheckpoint,
+    load_base_model,
+    push_to_hub,
+)
 
 TOKEN = "hf_local_test_token"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
@@ -204,9 +212,9 @@ def test_failures_are_logged_without_fail_on_error(
     tmp_path: Path, hub: HubServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     publisher = HubPublisher("tester/denied", strategy="every_save", token="wrong")
-    with caplog.at_level(logging.WARNING, logger="lightning_lora_ckpt.hub"):
+    with caplog.at_level(logging.WARNING, logger="lightning_lora_ckpt.lightning.hub_publisher"):
         fit_with_publisher(tmp_path, publisher)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_lora_ckpt.hub"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_lora_ckpt.lightning.hub_publisher"]
     assert warnings and all("tester/denied" in w and "token was refused" in w for w in warnings)
     assert len(warnings) == 3  # 000002, 000004 and final, each tried once
     assert hub.repos == {} and not publisher.published
@@ -226,14 +234,12 @@ def test_push_hf_command(trained, hub: HubServer) -> None:
     module, io, _ = trained
     module.save_weights_for_sampler("s")
     args = ["push-hf", "lora://run/sampler_weights/s", "--repo-id", "tester/cli", "--tag", "v1", "--root", io.root]
-    out = subprocess.run(
-        [sys.executable, "-m", "lightning_lora_ckpt.cli", *args, "--json"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "lightning_lora_ckpt", *args, "--json"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["commit_url"].endswith(hub.repos["tester/cli"].tags["v1"])
     assert set(commit_files(hub, "tester/cli", "v1")) == {*ADAPTER_FILES, "README.md"}
     env_without_token = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}
     refused = subprocess.run(
-        [sys.executable, "-m", "lightning_lora_ckpt.cli", *args], capture_output=True, text=True, env=env_without_token
+        [sys.executable, "-m", "lightning_lora_ckpt", *args], capture_output=True, text=True, env=env_without_token
     )
     assert refused.returncode == 1 and "no Hugging Face token" in refused.stderr

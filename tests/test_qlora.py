@@ -27,9 +27,9 @@ from lightning_lora_ckpt import (
     load_base_model,
     merge_adapter,
 )
-from lightning_lora_ckpt.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from lightning_lora_ckpt.models import config_fingerprint
-from lightning_lora_ckpt.storage import read_manifest
+from lightning_lora_ckpt.format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from lightning_lora_ckpt.modeling.base import config_fingerprint
+from lightning_lora_ckpt.storage.read import read_manifest
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -271,7 +271,7 @@ def test_example_config_trains_qlora(tmp_path: Path) -> None:
         "examples/data/", f"{repo}/examples/data/"
     )
     (tmp_path / "qlora.yaml").write_text(config)
-    command = [sys.executable, "-m", "lightning_lora_ckpt.cli", "fit", "-c", str(tmp_path / "qlora.yaml")]
+    command = [sys.executable, "-m", "lightning_lora_ckpt", "fit", "-c", str(tmp_path / "qlora.yaml")]
     short = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--data.init_args.batch_size=4"]
     out = subprocess.run([*command, *short], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -12,8 +12,9 @@ from conftest import MODULE_KWARGS, batch_loader, make_trainer
 from peft import PeftModel
 from transformers import GenerationConfig
 
-from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient, SamplingParams, load_base_model, sampling
-from lightning_lora_ckpt.storage import read_manifest
+from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient, SamplingParams, load_base_model
+from lightning_lora_ckpt.modeling import sampling
+from lightning_lora_ckpt.storage.read import read_manifest
 
 PROMPT = [5, 17, 99, 250, 3]
 NO_STOP = SamplingParams(max_tokens=8, temperature=0, stop=[])
@@ -145,7 +146,7 @@ def test_hotload_of_an_adapter_with_the_same_config_copies_it_in_place(trained) 
 
 def test_sample_command(sampler_uri: str) -> None:
     args = ["sample", sampler_uri, "--prompt", "The capital of France", "--max-tokens", "5", "--seed", "0", "--json"]
-    out = subprocess.run([sys.executable, "-m", "lightning_lora_ckpt.cli", *args], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "lightning_lora_ckpt", *args], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert len(result["sequences"]) == 1 and len(result["sequences"][0]["tokens"]) <= 5

@@ -13,8 +13,9 @@ from conftest import fake_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_lora_ckpt.payload import snapshot_checkpoint
-from lightning_lora_ckpt.state_codec import StateEncodingError, decode_state, encode_state
+from lightning_lora_ckpt.format.state_codec import StateEncodingError, decode_state, encode_state
+from lightning_lora_ckpt.lightning.async_io import snapshot_tensor
+from lightning_lora_ckpt.lightning.checkpoint_dict import payload_from_checkpoint
 
 
 def roundtrip(obj: object) -> object:
@@ -56,9 +57,9 @@ def test_roundtrip_of_optimizer_like_state() -> None:
 
 def test_a_staged_payload_is_a_snapshot() -> None:
     checkpoint = fake_checkpoint(step=1)
-    payload = snapshot_checkpoint(checkpoint, defer_copy=True)
+    payload = payload_from_checkpoint(checkpoint, defer_copy=True)
     live = [*checkpoint["state_dict"].values(), *payload.state_tensors.values()]
-    payload.stage()
+    payload.map_tensors(snapshot_tensor)
     for tensor in live:
         tensor.add_(1)
     saved = fake_checkpoint(step=1)["state_dict"]

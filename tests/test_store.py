@@ -15,10 +15,16 @@ from conftest import fake_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_lora_ckpt import CheckpointFormatError, CheckpointStore, LoRACheckpointIO
-from lightning_lora_ckpt.manifest import utcnow
-from lightning_lora_ckpt.storage import object_tags, url_to_fs
-from lightning_lora_ckpt.store import CheckpointConflictError, extract_archive
+from lightning_lora_ckpt import (
+    CheckpointConflictError,
+    CheckpointFormatError,
+    CheckpointStore,
+    LoRACheckpointIO,
+    extract_archive,
+)
+from lightning_lora_ckpt.format.strict_json import utcnow
+from lightning_lora_ckpt.storage.commit import object_tags
+from lightning_lora_ckpt.storage.fs import url_to_fs
 
 
 def populate(root: str, options: dict[str, Any]) -> LoRACheckpointIO:

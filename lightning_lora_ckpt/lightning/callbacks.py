@@ -8,12 +8,13 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
-from .io import LoRACheckpointIO
-from .manifest import MANIFEST
-from .store import CheckpointStore
-from .ttl import parse_duration
-from .uris import CheckpointType
+from ..format.layout import CheckpointType
+from ..format.manifest import MANIFEST
+from ..format.ttl import parse_duration
+from ..storage.store import CheckpointStore
+from .checkpoint_io import LoRACheckpointIO
 
 Kind = Literal["sampler", "state", "both"]
 Cadence = Literal["periodic", "rolling", "final"]
@@ -65,9 +66,11 @@ class CheckpointTTL(Callback):
         if deleted:
             rank_zero_info(f"CheckpointTTL: deleted {len(deleted)} expired checkpoint(s)")
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._gc(trainer)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._gc(trainer)
 
@@ -113,7 +116,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self.rolling_every_n_steps = rolling_every_n_steps
         self.keep_last = keep_last
         self.save_final = save_final
-        self.saved: dict[str, list[str]] = {"training": [], "sampler": []}
+        self.saved: dict[CheckpointType, list[str]] = {"training": [], "sampler": []}
         self.rolling: str | None = None
         self._last_step = -1
         self._last_time = time.monotonic()
@@ -128,13 +131,16 @@ class PeriodicCheckpoint(ModelCheckpoint):
         )
 
     # -- when to save -----------------------------------------------------------------------------
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         checkpoint_io(trainer)
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_time = time.monotonic()
         self._last_step = trainer.global_step  # nothing new to save at the step a resume starts from
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -157,6 +163,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
             if previous:
                 trainer.strategy.remove_checkpoint(checkpoint_io(trainer).resolve(previous, "training"))
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_final:
             self._save(trainer, "final", _TYPES[self.kind], "final")
@@ -166,7 +173,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         if cadence == "periodic":  # recorded first, so the training checkpoint's own callback state lists it
             for checkpoint_type in types:
                 self.saved[checkpoint_type].append(name)
-        ttl = next((cb.ttl_seconds[cadence] for cb in trainer.callbacks if isinstance(cb, CheckpointTTL)), None)
+        ttl = next((cb.ttl_seconds[cadence] for cb in trainer.callbacks if isinstance(cb, CheckpointTTL)), None)  # type: ignore[attr-defined]  # Trainer.callbacks is set by its CallbackConnector
         options = {"overwrite": True, **({"ttl_seconds": ttl} if ttl else {})}
         for checkpoint_type in types:
             trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
@@ -188,19 +195,24 @@ class PeriodicCheckpoint(ModelCheckpoint):
         last = CheckpointStore(io.root, io.storage_options).last_checkpoint(io.run_id, "training")
         return {f"{last.path}/{MANIFEST}"} if last else set()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"saved": {t: list(v) for t, v in self.saved.items()}, "rolling": self.rolling}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = {t: list(v) for t, v in state_dict["saved"].items()}
         self.rolling = state_dict.get("rolling")
 
     # ModelCheckpoint's own saving is not used.
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         return
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         return

@@ -36,10 +36,10 @@ from transformers.core_model_loading import revert_weight_conversion
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from . import storage, uris
-from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .models import config_fingerprint, float_dtype, is_builtin, load_base_model, load_config, load_tokenizer
-from .payload import LORA_KEY, decode_checkpoint
+from ..format.manifest import ADAPTER_CONFIG, BaseModelRef
+from ..modeling.base import config_fingerprint, float_dtype, is_builtin, load_base_model, load_config, load_tokenizer
+from ..storage.loading import open_checkpoint
+from ..storage.local import install_dir
 
 log = logging.getLogger(__name__)
 
@@ -138,20 +138,22 @@ def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]
                 "merge_adapter supports LoRA on linear layers only (not embeddings, convolutions or bias training)"
             )
         halves.setdefault(match["module"], {})[match["half"]] = tensor
-    r, alpha = adapter_config["r"], adapter_config["lora_alpha"]
-    rank_pattern, alpha_pattern = adapter_config.get("rank_pattern") or {}, adapter_config.get("alpha_pattern") or {}
+    r: int = adapter_config["r"]
+    alpha: float = adapter_config["lora_alpha"]
+    rank_pattern: dict[str, int] = adapter_config.get("rank_pattern") or {}
+    alpha_pattern: dict[str, float] = adapter_config.get("alpha_pattern") or {}
     deltas = {}
     for module, pair in halves.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{source}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
         lora_A, lora_B = pair["A"], pair["B"]
-        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)  # type: ignore[arg-type]  # peft passes keys() too
         if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != rank or lora_B.shape[1] != rank:
             raise ValueError(
                 f"{source}: {module} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, not the "
                 f"(r, in) and (out, r) matrices of a rank-{rank} linear LoRA (convolution LoRA is not supported)"
             )
-        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)
+        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)  # type: ignore[arg-type]  # as above
         scale = module_alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
         fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
         deltas[f"{module}.weight"] = LoRADelta(lora_A.float(), lora_B.float(), scale, fan_in_fan_out)
@@ -403,12 +405,9 @@ def merge_adapter(
     _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
     output_dir = os.path.abspath(os.fspath(output_dir))
     _prepare_output(output_dir, overwrite)
-    uri = uris.resolve(uri, root)
-    manifest = storage.read_manifest(uri, storage_options)
-    files = storage.read_files(uri, manifest, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], storage_options)
-    checkpoint = decode_checkpoint(manifest, files, uri)
-    adapter_config = checkpoint[LORA_KEY]["adapter_config"]
-    deltas = lora_deltas(checkpoint["state_dict"], adapter_config, uri)
+    opened = open_checkpoint(uri, root, storage_options)
+    uri, manifest, adapter_config = opened.uri, opened.manifest, opened.adapter_config
+    deltas = lora_deltas(opened.adapter, adapter_config, uri)
 
     name_or_path = base_model or manifest.base_model.name_or_path
     revision = adapter_config.get("revision")
@@ -429,7 +428,7 @@ def merge_adapter(
     try:
         _write_shards(tmp, base, deltas, dtype, max_shard_size, progress)
         _save_metadata(tmp, name_or_path, config, skeleton, dtype, base.weights_dir, revision)
-        storage.install_dir(tmp, output_dir)
+        install_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -64,7 +64,7 @@ class _AdapterCheckpoints:
         """
         optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        by_name = get_optimizer_state_dict(self.model, optimizer, options=options)
+        by_name: dict[str, Any] = get_optimizer_state_dict(self.model, optimizer, options=options)
         if not self.is_global_zero:
             return {}
         index = {name: i for i, name in enumerate(self._param_names(optimizer))}
@@ -78,7 +78,7 @@ class _AdapterCheckpoints:
         options = StateDictOptions(full_state_dict=True)
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             names = self._param_names(optimizer)
-            by_name = {
+            by_name: dict[str, Any] = {
                 "state": {names[i]: value for i, value in state["state"].items()},
                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
             }

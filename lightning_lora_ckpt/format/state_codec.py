@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .manifest import MAX_FILE_BYTES, STATE_JSON, CheckpointFormatError, load_json_object
+from .strict_json import CheckpointFormatError
 
 _TAG = "__lora_ckpt__"
 _TAGS = ("tensor", "ndarray", "tuple", "map", "bytes", "float", "dtype", "path")
@@ -29,11 +29,6 @@ class StateEncodingError(TypeError):
 
 def _tagged(kind: str, value: Any) -> dict[str, Any]:
     return {_TAG: kind, "v": value}
-
-
-def snapshot_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU copy that later in-place updates of ``tensor`` cannot change."""
-    return tensor.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
 def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -145,9 +140,10 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], source: str = "tra
             except ValueError as err:
                 raise bad(path, str(err)) from err
         if kind == "dtype":
-            dtype = _DTYPES.get(expect(payload, str, kind, path))
+            dtype_name: str = expect(payload, str, kind, path)
+            dtype = _DTYPES.get(dtype_name)
             if dtype is None:
-                raise bad(path, f"unknown dtype {payload[:100]!r}")
+                raise bad(path, f"unknown dtype {dtype_name[:100]!r}")
             return dtype
         return pathlib.Path(expect(payload, str, kind, path))
 
@@ -155,11 +151,3 @@ def decode_state(tree: Any, tensors: dict[str, torch.Tensor], source: str = "tra
         return dec(tree, "")
     except RecursionError as err:
         raise CheckpointFormatError(f"Invalid {source}: nested too deeply") from err
-
-
-def decode_training_state(raw: bytes, tensors: dict[str, torch.Tensor], source: str) -> dict[str, Any]:
-    """Parse the content of ``training_state.json`` and decode it with its tensors.
-
-    Anything malformed, or larger than the size cap, raises :class:`CheckpointFormatError` naming ``source``.
-    """
-    return decode_state(load_json_object(raw, MAX_FILE_BYTES[STATE_JSON], source), tensors, source)

@@ -8,15 +8,19 @@ end-of-turn token, not the role header), found by rendering the chat template on
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import fsspec
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing_extensions import override
 
-from .models import load_tokenizer
+from ..modeling.base import load_tokenizer
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 Example = dict[str, list[int] | list[float]]
 
@@ -54,10 +58,10 @@ def _render_chat(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
 
     for i, message in enumerate(messages):
         if message.get("role") == "assistant":
-            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            header = cast(str, tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
             extend(_suffix(header, rendered), 0.0)
             rendered = header
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        full = cast(str, tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))  # tokenize=False: a str
         extend(_suffix(full, rendered), 1.0 if message.get("role") == "assistant" else 0.0)
         rendered = full
     return tokens, weights
@@ -133,6 +137,12 @@ class JSONLDataModule(LightningDataModule):
             resume continues mid-epoch at the next batch; a plain DataLoader replays the epoch from its start.
     """
 
+    # Lightning types hparams as AttributeDict | MutableMapping; save_hyperparameters always makes an AttributeDict.
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def __init__(
         self,
         train_file: str,
@@ -156,8 +166,9 @@ class JSONLDataModule(LightningDataModule):
             return load_tokenizer(self.hparams.tokenizer)
         if self.trainer is None or not hasattr(self.trainer.lightning_module, "get_tokenizer"):
             raise ValueError("JSONLDataModule needs tokenizer=... unless its LightningModule has get_tokenizer()")
-        return self.trainer.lightning_module.get_tokenizer()
+        return cast(Any, self.trainer.lightning_module).get_tokenizer()  # checked by hasattr above
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self.collator is not None:
             return
@@ -174,7 +185,7 @@ class JSONLDataModule(LightningDataModule):
         return loader_class(
             examples,  # type: ignore[arg-type]
             batch_size=self.hparams.batch_size,
-            sampler=sampler_class(examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed),
+            sampler=sampler_class(examples, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.hparams.seed),  # type: ignore[arg-type]
             collate_fn=self.collator,
             num_workers=self.hparams.num_workers,
             # A generator of its own keeps iterator creation from drawing on the global RNG (dropout's), so
@@ -182,8 +193,10 @@ class JSONLDataModule(LightningDataModule):
             generator=torch.Generator().manual_seed(self.hparams.seed),
         )
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_examples, self.hparams.shuffle)
 
+    @override
     def val_dataloader(self) -> DataLoader | list[Any]:
         return self._loader(self.val_examples, False) if self.val_examples else []

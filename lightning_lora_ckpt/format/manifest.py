@@ -11,12 +11,12 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from .uris import CheckpointType, validate_name
+from .layout import CheckpointType, validate_name
+from .strict_json import CheckpointFormatError, iso_time, load_json_object, parse_time
 
 FORMAT = "lightning-lora-ckpt"
 FORMAT_VERSION = 1
@@ -37,10 +37,6 @@ MAX_MANIFEST_BYTES = 1 << 20
 MAX_FILE_BYTES = {ADAPTER_CONFIG: 1 << 20, STATE_JSON: 64 << 20}
 _REQUIRED: Any = object()
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-class CheckpointFormatError(ValueError):
-    """A checkpoint directory is missing, incomplete, tampered with or not in this format."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,51 +167,8 @@ class Manifest:
 _MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fields(Manifest))}
 
 
-def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
-    """Parse ``raw`` as a strict JSON object, refusing more than ``limit`` bytes before parsing.
-
-    ``NaN``/``Infinity`` (not JSON; never written here) and duplicate keys (which other readers may
-    resolve differently) are refused. Raises :class:`CheckpointFormatError` starting with ``source``.
-    """
-    if len(raw) > limit:
-        raise CheckpointFormatError(f"{source}: larger than {limit} bytes, far more than a valid one; refusing it")
-    try:
-        data = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
-    except (ValueError, RecursionError) as err:
-        raise CheckpointFormatError(f"{source}: not JSON ({str(err)[:200]})") from err
-    if not isinstance(data, dict):
-        raise CheckpointFormatError(f"{source}: must hold a JSON object, not {type(data).__name__}")
-    return data
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    data = dict(pairs)
-    if len(data) != len(pairs):
-        duplicate = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
-        raise ValueError(f"duplicate key {duplicate[:100]!r}")
-    return data
-
-
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def iso_time(t: datetime) -> str:
-    return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def parse_time(value: Any) -> datetime:
-    """An ISO-8601 time as an aware UTC datetime (naive times are taken as UTC)."""
-    t = datetime.fromisoformat(_expect(value, str).replace("Z", "+00:00"))
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _expect(value: Any, typ: type) -> Any:

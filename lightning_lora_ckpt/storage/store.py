@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
-import shutil
-import tarfile
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
-from fsspec.callbacks import Callback
-
-from . import storage, uris
-from .manifest import MANIFEST, CheckpointFormatError, Manifest, utcnow
-from .records import RUN_FILE, Checkpoint, TrainingRun
-from .ttl import parse_duration
-from .uris import KIND_DIRS, CheckpointType
-
-#: Called with (file name, bytes done, bytes total) while downloading.
-Progress = Callable[[str, int, int], None]
+from ..format.layout import KIND_DIRS, CheckpointType, default_root, join, resolve, validate_name
+from ..format.manifest import MANIFEST, Manifest
+from ..format.records import RUN_FILE, Checkpoint, TrainingRun
+from ..format.strict_json import CheckpointFormatError, utcnow
+from ..format.ttl import parse_duration
+from ..policy.retention import checkpoint_order, expired, newest
+from .archive import Progress, archive, download
+from .commit import delete_checkpoint, protocol_for, write_manifest
+from .fs import url_to_fs
+from .local import TEMP_ENTRY
+from .read import read_files, read_manifest
 
 #: How old the newest file of an interrupted write must be before ``gc`` removes it: far longer than any
 #: live save goes without creating or finishing a file.
@@ -76,18 +72,19 @@ class CheckpointStore:
     """
 
     def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
-        self.root = uris.default_root(root)
+        self.root = default_root(root)
         self.storage_options = dict(storage_options or {})
-        self.fs, self._root_path = storage.url_to_fs(self.root, self.storage_options)
+        self.fs, self._root_path = url_to_fs(self.root, self.storage_options)
+        self._protocol = protocol_for(self.fs)
 
     # -- listing ----------------------------------------------------------------------------------
     def _uri(self, *parts: str) -> str:
-        return uris.join(self.root, *parts)
+        return join(self.root, *parts)
 
     def _names(self, *parts: str) -> list[str]:
         """Fresh listing of the entry names in a folder under the root ([] if there is none)."""
         try:
-            paths = self.fs.ls(uris.join(self._root_path, *parts), detail=False, refresh=True)
+            paths = self.fs.ls(join(self._root_path, *parts), detail=False, refresh=True)
         except FileNotFoundError:
             return []
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
@@ -103,18 +100,18 @@ class CheckpointStore:
 
     def get_run(self, run_id: str) -> TrainingRun:
         """The run's metadata, with its newest training and sampler checkpoints."""
-        uris.validate_name(run_id, "run id")
+        validate_name(run_id, "run id")
         source = self._uri(run_id, RUN_FILE)
         try:
-            raw = self.fs.cat_file(uris.join(self._root_path, run_id, RUN_FILE))
+            raw = self.fs.cat_file(join(self._root_path, run_id, RUN_FILE))
         except FileNotFoundError:
             raise KeyError(f"No run {run_id!r} under {self.root} ({source} does not exist)") from None
         run = TrainingRun.from_json(raw, source)
         checkpoints = self.list_checkpoints(run_id)
         return dataclasses.replace(
             run,
-            last_checkpoint=_newest(checkpoints, "training"),
-            last_sampler_checkpoint=_newest(checkpoints, "sampler"),
+            last_checkpoint=newest(checkpoints, "training"),
+            last_sampler_checkpoint=newest(checkpoints, "sampler"),
         )
 
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
@@ -127,8 +124,8 @@ class CheckpointStore:
 
     def _scan(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Fresh flat listing of everything under a run (folders included), with each entry's details."""
-        uris.validate_name(run_id, "run id")
-        run_path = uris.join(self._root_path, run_id)
+        validate_name(run_id, "run id")
+        run_path = join(self._root_path, run_id)
         self.fs.invalidate_cache(run_path)
         # s3fs's find caches every folder it lists, which invalidate_cache(run_path) leaves: a stale listing
         # of a checkpoint folder (e.g. taken mid-save) would later make its manifest read as missing.
@@ -140,7 +137,7 @@ class CheckpointStore:
             return {}
 
     def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
-        run_path = uris.join(self._root_path, run_id)
+        run_path = join(self._root_path, run_id)
         manifests = [p for p in found if _is_manifest_path(p, run_path)]
         contents = self.fs.cat_ranges(manifests, [None] * len(manifests), [None] * len(manifests), on_error="return")
         checkpoints = []
@@ -153,7 +150,7 @@ class CheckpointStore:
             except CheckpointFormatError:
                 continue  # a damaged manifest is reported by verify(), never offered for resume
             checkpoints.append(Checkpoint.from_manifest(manifest, self._uri(run_id, kind_dir, name)))
-        return sorted(checkpoints, key=_order)
+        return sorted(checkpoints, key=checkpoint_order)
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> CheckpointPage:
         """Checkpoints of every run, newest first, one page at a time."""
@@ -168,7 +165,7 @@ class CheckpointStore:
         ids = []
         for name in self._names():
             with contextlib.suppress(ValueError):  # hidden or foreign folders
-                ids.append(uris.validate_name(name, "run id"))
+                ids.append(validate_name(name, "run id"))
         return ids
 
     def get(self, uri: str) -> Checkpoint:
@@ -178,21 +175,21 @@ class CheckpointStore:
 
     def manifest(self, uri: str) -> Manifest:
         """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions)."""
-        return storage.read_manifest(self.resolve(uri), self.storage_options)
+        return read_manifest(self.resolve(uri), self.storage_options)
 
     def resolve(self, uri: str) -> str:
         """The full URI of a checkpoint given as a URI, a local path, or ``lora://run/kind/name``."""
-        return uris.resolve(uri, self.root)
+        return resolve(uri, self.root)
 
     def last_checkpoint(self, run_id: str, checkpoint_type: CheckpointType = "training") -> Checkpoint | None:
         """The newest committed checkpoint of that type in the run, or None."""
-        return _newest(self.list_checkpoints(run_id), checkpoint_type)
+        return newest(self.list_checkpoints(run_id), checkpoint_type)
 
     # -- mutable metadata -------------------------------------------------------------------------
     def _update(self, uri: str, change: Callable[[Manifest], Manifest]) -> Checkpoint:
         uri = self.resolve(uri)
-        manifest = change(storage.read_manifest(uri, self.storage_options))
-        storage.write_manifest(uri, manifest, self.storage_options)
+        manifest = change(read_manifest(uri, self.storage_options))
+        write_manifest(uri, manifest, self.storage_options)
         return Checkpoint.from_manifest(manifest, uri)
 
     def set_ttl(self, uri: str, ttl_seconds: float | str | None) -> Checkpoint:
@@ -215,7 +212,7 @@ class CheckpointStore:
     def delete(self, uri: str) -> Checkpoint:
         """Delete a committed checkpoint (its manifest first, so it is never seen half-deleted)."""
         checkpoint = self.get(uri)
-        storage.delete_checkpoint(checkpoint.path, self.storage_options)
+        delete_checkpoint(checkpoint.path, self.storage_options)
         return checkpoint
 
     def gc(
@@ -231,15 +228,14 @@ class CheckpointStore:
         doomed, leftovers = [], {}
         for run_id in self._run_ids():
             found = self._scan(run_id)
-            checkpoints = self._checkpoints(run_id, found)
-            keep = _newest(checkpoints, "training")
-            doomed += [c for c in checkpoints if c.expires_at and c.expires_at <= now and not c.public and c != keep]
+            doomed += expired(self._checkpoints(run_id, found), now)
             leftovers.update(self._leftovers(run_id, found, incomplete_after))
         if not dry_run:
             for checkpoint in doomed:
-                storage.delete_checkpoint(checkpoint.path, self.storage_options)
+                delete_checkpoint(checkpoint.path, self.storage_options)
             for unit, members in leftovers.items():
-                self._remove_leftover(unit, members)
+                with contextlib.suppress(FileNotFoundError):  # already gone: its writer or another gc finished it
+                    self._protocol.remove_leftover(unit, members)
         if leftovers:
             log.info(
                 "gc %s %d leftover(s) of interrupted writes", "would remove" if dry_run else "removed", len(leftovers)
@@ -267,25 +263,13 @@ class CheckpointStore:
         if age is None or age < 0:
             raise ValueError(f"The age of leftovers to remove must be >= 0 seconds or like '1d', got {older_than!r}")
         cutoff = time.time() - age
-        units = _leftover_units(found, uris.join(self._root_path, run_id), storage.is_local(self.fs))
+        units = _leftover_units(found, join(self._root_path, run_id), self._protocol.writes_in_place)
         stale = {}
         for unit, members in units.items():
             times = [_modified(found[m]) for m in members]
             if times and None not in times and max(t for t in times if t is not None) <= cutoff:
                 stale[unit] = members
         return stale
-
-    def _remove_leftover(self, unit: str, members: list[str]) -> None:
-        """Locally the temporary entry goes as a whole; on object stores exactly the old objects that were listed.
-
-        Locally it is renamed away first: a save committing it at that moment then either wins (and is not
-        touched) or fails with an error, never half-deleted after its commit.
-        """
-        with contextlib.suppress(FileNotFoundError):  # already gone: its own writer or another gc finished it
-            if storage.is_local(self.fs):
-                storage.remove_local_dir(unit)
-            else:
-                self.fs.rm([m for m in members if m != unit])
 
     def _uri_of(self, path: str) -> str:
         """The URI under the root of a path from this store's filesystem."""
@@ -295,18 +279,18 @@ class CheckpointStore:
     def verify(self, uri: str) -> VerifyReport:
         """Check every file of a checkpoint against the manifest's size and sha256, then that it decodes."""
         uri = self.resolve(uri)
-        manifest = storage.read_manifest(uri, self.storage_options)
+        manifest = read_manifest(uri, self.storage_options)
         problems, files = [], {}
         for name in manifest.files:
             try:
-                files.update(storage.read_files(uri, manifest, [name], self.storage_options))
+                files.update(read_files(uri, manifest, [name], self.storage_options))
             except CheckpointFormatError as err:
                 problems.append(str(err))
         if not problems:  # intact: then it must also decode (checksums alone do not catch a forged manifest)
-            from .payload import decode_checkpoint  # torch and Lightning: not for every command line start-up
+            from ..format.payload import CheckpointPayload  # imports torch: not for every command line start-up
 
             try:
-                decode_checkpoint(manifest, files, uri)
+                CheckpointPayload.from_files(manifest, files, uri).state(uri)
             except CheckpointFormatError as err:
                 problems.append(str(err))
         return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)
@@ -315,100 +299,16 @@ class CheckpointStore:
         """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
 
         Files are written into a temporary sibling that is renamed into place once all are verified.
+
+        Raises:
+            FileExistsError: ``output_dir`` exists and is not empty.
+            CheckpointFormatError: a file is missing, unsafe or differs from the manifest.
         """
-        uri = self.resolve(uri)
-        manifest = storage.read_manifest(uri, self.storage_options)
-        target = os.path.abspath(output_dir)
-        if os.path.exists(target) and os.listdir(target):
-            raise FileExistsError(f"{target} exists and is not empty; choose an empty or new output directory")
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.download-", dir=parent)
-        try:
-            fs, path = storage.url_to_fs(uri, self.storage_options)
-            names = [*manifest.files, MANIFEST]
-            for name in names:
-                storage.check_member(fs, uri, path, name)
-            # One concurrent transfer, as a plain fs.get would do; then every file is checked locally.
-            fs.get(
-                [uris.join(path, n) for n in names],
-                [os.path.join(staging, n) for n in names],
-                callback=_ProgressCallback(progress),
-            )
-            names = list(manifest.files)
-            with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: hash the files in parallel
-                digests = pool.map(_size_and_sha256, [os.path.join(staging, n) for n in names])
-            for name, (size, sha256) in zip(names, digests, strict=True):
-                storage.check_file(uri, name, manifest.files[name], size, sha256)
-                if progress:  # some filesystems (local copies) report no progress of their own
-                    progress(name, size, size)
-            if os.path.exists(target):
-                os.rmdir(target)
-            os.rename(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        return download(self.resolve(uri), output_dir, self.storage_options, progress)
 
     def archive(self, uri: str, tar_path: str, progress: Progress | None = None) -> str:
         """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI)."""
-        uri = self.resolve(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            local = self.download(uri, os.path.join(tmp, "checkpoint"), progress)
-            fs, path = storage.url_to_fs(tar_path, self.storage_options)
-            with (
-                fs.open(path, "wb") as f,
-                tarfile.open(fileobj=f, mode="w:gz" if tar_path.endswith("gz") else "w") as tar,
-            ):
-                for name in sorted(os.listdir(local)):
-                    tar.add(os.path.join(local, name), arcname=name, recursive=False)
-        return tar_path
-
-
-def extract_archive(
-    tar_path: str, output_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
-) -> str:
-    """Safely extract a checkpoint archive: only regular files directly inside ``output_dir``.
-
-    Refuses symlinks, hard links, devices, absolute paths and ``..`` escapes before writing anything.
-    """
-    target = os.path.abspath(output_dir)
-    fs, path = storage.url_to_fs(tar_path, storage_options)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        members = tar.getmembers()
-        for member in members:
-            resolved = os.path.abspath(os.path.join(target, member.name))
-            if not member.isfile():
-                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} is not a regular file")
-            if os.path.isabs(member.name) or os.path.dirname(resolved) != target:
-                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} would land outside {target}")
-        os.makedirs(target, exist_ok=True)
-        tar.extractall(target, members=members, filter="data")
-    return target
-
-
-class _ProgressCallback(Callback):
-    """Adapts fsspec's transfer callbacks to a per-file ``(name, bytes done, bytes total)`` progress function."""
-
-    def __init__(self, progress: Progress | None, name: str = "") -> None:
-        super().__init__()
-        self.progress, self.name = progress, name
-
-    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Callback:
-        return _ProgressCallback(self.progress, os.path.basename(str(path_2)))
-
-    def call(self, *args: Any, **kwargs: Any) -> None:
-        if self.progress and self.name:
-            self.progress(self.name, self.value, self.size or self.value)
-
-
-def _size_and_sha256(path: str) -> tuple[int, str]:
-    hasher, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size, hasher.hexdigest()
+        return archive(self.resolve(uri), tar_path, self.storage_options, progress)
 
 
 def _set_public(manifest: Manifest, public: bool, uri: str) -> Manifest:
@@ -417,10 +317,10 @@ def _set_public(manifest: Manifest, public: bool, uri: str) -> Manifest:
     return dataclasses.replace(manifest, public=public)
 
 
-def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, local: bool) -> dict[str, list[str]]:
+def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, in_place: bool) -> dict[str, list[str]]:
     """Group a run's listing into leftovers of interrupted writes: leftover path -> the listed entries in it.
 
-    A hidden temporary entry (:data:`storage.TEMP_ENTRY`) at any depth is one; on object stores, where
+    A hidden temporary entry (:data:`.local.TEMP_ENTRY`) at any depth is one; on object stores, where
     saves write in place, so is a checkpoint folder without a manifest. Local folders without a manifest
     were not written by a save (saves rename whole folders into place) and are left alone.
     """
@@ -430,11 +330,11 @@ def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, local: bool
         if not path.startswith(prefix):
             continue
         parts = path[len(prefix) :].split("/")
-        temp = next((i for i, part in enumerate(parts) if storage.TEMP_ENTRY.fullmatch(part)), None)
+        temp = next((i for i, part in enumerate(parts) if TEMP_ENTRY.fullmatch(part)), None)
         if temp is not None:
             units[prefix + "/".join(parts[: temp + 1])].append(path)
         elif (
-            not local
+            in_place
             and len(parts) > 2
             and parts[0] in KIND_DIRS
             and info.get("type") != "directory"
@@ -467,11 +367,3 @@ def _is_manifest_path(path: str, run_path: str) -> bool:
     """Whether ``path`` is ``<run_path>/<kind>/<name>/checkpoint.json`` of a visible checkpoint."""
     parts = path[len(run_path.rstrip("/")) + 1 :].split("/")
     return len(parts) == 3 and parts[0] in KIND_DIRS and not parts[1].startswith(".") and parts[2] == MANIFEST
-
-
-def _order(c: Checkpoint) -> tuple[int, datetime]:
-    return (c.step, c.time)
-
-
-def _newest(checkpoints: list[Checkpoint], checkpoint_type: CheckpointType) -> Checkpoint | None:
-    return max((c for c in checkpoints if c.checkpoint_type == checkpoint_type), key=_order, default=None)

@@ -14,10 +14,11 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.prompt import Confirm
 from rich.table import Table
 
-from .manifest import iso_time
-from .records import Checkpoint
-from .store import CheckpointStore, extract_archive
-from .uris import ROOT_ENV
+from ..format.layout import ROOT_ENV
+from ..format.records import Checkpoint
+from ..format.strict_json import iso_time
+from ..storage.archive import extract_archive
+from ..storage.store import CheckpointStore
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -27,8 +28,8 @@ def run_lightning_cli(args: Sequence[str] | None) -> None:
     # Imported here: the management commands must start without torch and Lightning.
     from lightning.pytorch.cli import LightningCLI
 
-    from .data import JSONLDataModule
-    from .module import LoRAModule
+    from ..lightning.data import JSONLDataModule
+    from ..lightning.module import LoRAModule
 
     LightningCLI(
         LoRAModule,
@@ -190,7 +191,7 @@ def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 
 def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    from .hub import push_to_hub  # imports Lightning: only when pushing
+    from ..storage.hub import push_to_hub  # imports huggingface_hub and torch: only when pushing
 
     url = push_to_hub(
         store.resolve(args.uri),
@@ -205,7 +206,7 @@ def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Conso
 def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     import dataclasses
 
-    from .sampling import SamplingClient, SamplingParams  # imports torch: only when sampling
+    from ..modeling.sampling import SamplingClient, SamplingParams  # imports torch: only when sampling
 
     client = SamplingClient.from_checkpoint(store.resolve(args.uri), storage_options=store.storage_options)
     params = SamplingParams(args.max_tokens, args.temperature, args.top_p, args.top_k, args.stop, args.seed)

@@ -3,36 +3,31 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
-import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 import transformers
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import LightningModule
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.distributed.tensor import DTensor
+from peft import LoraConfig, PeftModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from typing_extensions import override
 
-from . import storage, uris
-from .io import LoRACheckpointIO
-from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .models import config_fingerprint, float_dtype, load_base_model, load_tokenizer, require_bitsandbytes
-from .payload import LORA_KEY, decode_checkpoint
-from .uris import CheckpointType
+from ..format.layout import CheckpointType, validate_name
+from ..modeling.base import float_dtype, load_base_model, load_tokenizer, require_bitsandbytes
+from ..modeling.peft_adapter import adapter_config_of, adapter_state_dict, base_reference, frozen_memo, new_peft_model
+from ..modeling.sampling import SamplingClient, snapshot_identity
+from ..storage.loading import open_checkpoint
+from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened
+from .checkpoint_io import LoRACheckpointIO
 
 if TYPE_CHECKING:
-    from .sampling import SamplingClient
+    from lightning.fabric.utilities.data import AttributeDict
 
-# LoRA settings that must match between a checkpoint and the module it is loaded into.
-_LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
 # optimizer name -> its class in bitsandbytes.optim (empty for torch's AdamW).
 _OPTIMIZERS = {"adamw": "", "adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
 
@@ -68,6 +63,12 @@ class LoRAModule(LightningModule):
     Batches are dicts with ``input_ids``, ``target_tokens`` and ``weights`` (and optionally ``attention_mask``).
     """
 
+    # Lightning types hparams as AttributeDict | MutableMapping; save_hyperparameters always makes an AttributeDict.
+    if TYPE_CHECKING:
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
     def __init__(
         self,
         base_model: str,
@@ -95,41 +96,40 @@ class LoRAModule(LightningModule):
             json.dumps(user_metadata or {}, allow_nan=False)
         except (TypeError, ValueError) as err:
             raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
-        self.user_metadata = dict(user_metadata or {})
         if optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {sorted(_OPTIMIZERS)}")
         if _OPTIMIZERS[optimizer]:
             require_bitsandbytes(f"optimizer={optimizer!r}")
         self.sampler_dtype = float_dtype(sampler_dtype or dtype, "sampler_dtype" if sampler_dtype else "dtype")
         base = load_base_model(base_model, dtype=dtype, revision=revision, quantization=quantization)
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.base_model_ref = BaseModelRef(base_model, config_fingerprint(base.config), quantization)
+        self.base_model_ref = base_reference(base, base_model, quantization)
         lora_config = LoraConfig(
             r=rank,
-            lora_alpha=alpha,
+            lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (scale = alpha / r)
             lora_dropout=dropout,
             target_modules=target_modules,
             task_type="CAUSAL_LM",
             revision=revision,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.model: PeftModel = get_peft_model(base, lora_config)
-        self.model.peft_config["default"].base_model_name_or_path = base_model
-        # PEFT's adapter key names -> this module's parameter names (and shapes), worked out once by PEFT
-        # itself before any strategy wraps or shards the model.
-        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        mapping = get_peft_model_state_dict(
-            self.model, state_dict={n: n for n in trainable}, save_embedding_layers=False
+        self.model: PeftModel = new_peft_model(base, lora_config, base_model, seed)
+        self.adapter_binding = AdapterBinding(
+            self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype
         )
-        self.adapter_keys = {peft_key: f"model.{name}" for peft_key, name in mapping.items()}
-        self.adapter_shapes = {peft_key: tuple(trainable[name].shape) for peft_key, name in mapping.items()}
         # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
         self.strict_loading = False
         self._restore_optimizer_from: dict[str, Any] | None = None
 
+    @property
+    def user_metadata(self) -> dict[str, Any]:
+        """Recorded in the manifest of every checkpoint saved from now on."""
+        return self.adapter_binding.user_metadata
+
+    @user_metadata.setter
+    def user_metadata(self, value: dict[str, Any]) -> None:
+        self.adapter_binding.user_metadata = dict(value)
+
     # -- model ------------------------------------------------------------------------------------
+    @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
@@ -137,16 +137,19 @@ class LoRAModule(LightningModule):
         logits = self(batch["input_ids"], batch.get("attention_mask"))
         return weighted_cross_entropy(logits, batch["target_tokens"], batch["weights"])
 
+    @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    @override
     def configure_model(self) -> None:
         """Under ``LoRAModelParallelStrategy``: FSDP2-shard every decoder layer, then the whole model."""
         mesh = self._device_mesh
@@ -164,11 +167,12 @@ class LoRAModule(LightningModule):
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return load_tokenizer(self.hparams.base_model, self.hparams.revision)
 
+    @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
         bnb_class = _OPTIMIZERS[hp.optimizer]
-        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
+        optimizer_class: Callable[..., torch.optim.Optimizer] = torch.optim.AdamW
         if bnb_class:
             optimizer_class = getattr(require_bitsandbytes(f"optimizer={hp.optimizer!r}").optim, bnb_class)
         optimizer = optimizer_class(
@@ -190,115 +194,30 @@ class LoRAModule(LightningModule):
     # -- checkpoint contents ----------------------------------------------------------------------
     def adapter_config(self) -> dict[str, Any]:
         """The adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes)."""
-        config = copy.deepcopy(self.model.peft_config["default"])
-        config.inference_mode = True
-        return json.loads(json.dumps(config.to_dict(), default=sorted))
+        return adapter_config_of(self.model)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
-        # save_embedding_layers=False: "auto" looks the base up on the Hub at every save, and the
-        # frozen embeddings are never part of a checkpoint.
-        return get_peft_model_state_dict(self.model, save_embedding_layers=False)
+        return adapter_state_dict(self.model)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Pick the adapter out of what the strategy gathered (the whole module, or only the trainable
-        # tensors under FSDP2, on rank 0) under PEFT's key names: a dict lookup per adapter tensor, not
-        # another walk over every module of the base.
-        gathered = checkpoint["state_dict"]
-        adapter = {p: gathered[m] for p, m in self.adapter_keys.items() if m in gathered}
-        if "optimizer_states" not in checkpoint:  # sampler weights (weights_only): stored at serving precision
-            adapter = {k: v.to(self.sampler_dtype) for k, v in adapter.items()}
-        checkpoint["state_dict"] = adapter
-        self._hold_updates_for_async_snapshots()
-        checkpoint[LORA_KEY] = {
-            "adapter_config": self.adapter_config(),
-            "base_model": dataclasses.asdict(self.base_model_ref),
-            "user_metadata": self.user_metadata,
-        }
-        checkpoint["rng_states"] = _collect_rng_states()
+        self.adapter_binding.to_checkpoint(checkpoint)
 
-    def _hold_updates_for_async_snapshots(self) -> None:
-        """Make every optimizer update wait until asynchronous saves have copied the tensors it changes.
-
-        A torch step pre-hook (so a user's own ``on_before_optimizer_step`` cannot skip it) wraps the
-        step's closure: that step's forward and backward still run while the copy is made.
-        """
-        io = self.trainer.strategy.checkpoint_io
-        if not (isinstance(io, LoRACheckpointIO) and io.async_save):
-            return
-        hook = self._wait_for_snapshots_before_update
-        for optimizer in self.trainer.optimizers:
-            if hook not in optimizer._optimizer_step_pre_hooks.values():  # once per optimizer, whatever its lifetime
-                optimizer.register_step_pre_hook(hook)
-
-    def _wait_for_snapshots_before_update(self, optimizer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        io = self._trainer.strategy.checkpoint_io if self._trainer is not None else None
-        if not (isinstance(io, LoRACheckpointIO) and io.snapshots_pending):
-            return None
-        closure = kwargs.get("closure", args[0] if args else None)
-        if closure is None:
-            io.wait_for_snapshots()
-            return None
-
-        def closure_then_wait() -> Any:
-            loss = closure()
-            io.wait_for_snapshots()
-            return loss
-
-        if "closure" in kwargs:
-            return args, {**kwargs, "closure": closure_then_wait}
-        return (closure_then_wait, *args[1:]), kwargs
-
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        lora = checkpoint.get(LORA_KEY)
-        if lora is None:
-            raise ValueError(
-                "This checkpoint was not written by LoRACheckpointIO (no 'lora_ckpt' entry); add "
-                "plugins=[LoRACheckpointIO(...)] to the Trainer that loads it"
-            )
-        self.load_adapter(checkpoint["state_dict"], lora)
-        checkpoint["state_dict"] = {}
-        if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+        self.adapter_binding.from_checkpoint(checkpoint, self, self._strategy_model())
 
     def load_adapter(self, state_dict: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
-        """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set."""
-        source = lora.get("source", "the checkpoint")
-        BaseModelRef(**lora["base_model"]).check_compatible(self.base_model_ref, source)
-        ours, theirs = self.adapter_config(), lora["adapter_config"]
-        for key in _LORA_IDENTITY:
-            a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
-            if a != b:
-                raise ValueError(
-                    f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}; build the module "
-                    "with the checkpoint's LoRA settings (LoRAModule.from_checkpoint reads them from it)"
-                )
-        expected = self.adapter_shapes
-        missing, unexpected = sorted(set(expected) - set(state_dict)), sorted(set(state_dict) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"Adapter tensors of {source} do not match the module: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-        for key, tensor in state_dict.items():
-            if tuple(tensor.shape) != expected[key]:
-                raise ValueError(
-                    f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, the module expects {expected[key]}"
-                )
-        by_module_key = {self.adapter_keys[k]: state_dict[k] for k in self.adapter_keys}
-        strategy_model = self._trainer.strategy.model if self._trainer is not None else None
-        if isinstance(strategy_model, FullyShardedDataParallel):  # FSDP1: addressed through its root wrapper
-            root: torch.nn.Module = strategy_model
-        else:
-            params = {name: self.get_parameter(name) for name in by_module_key}
-            if not any(isinstance(p, DTensor) for p in params.values()):
-                # Plain and DDP parameters: a copy each, not a walk over every module of the base.
-                with torch.no_grad():
-                    for name, tensor in by_module_key.items():
-                        params[name].copy_(tensor)
-                return
-            root = self
-        # torch's distributed state-dict API loads full tensors into sharded (FSDP1, FSDP2) parameters.
-        set_model_state_dict(root, by_module_key, options=StateDictOptions(full_state_dict=True, strict=False))
+        """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set.
+
+        Raises:
+            ValueError: naming what differs.
+        """
+        self.adapter_binding.load(state_dict, lora, self, self._strategy_model())
+
+    def _strategy_model(self) -> Any:
+        return self._trainer.strategy.model if self._trainer is not None else None
 
     # -- the hosted-service style API -------------------------------------------------------------
     def save_state(self, name: str, ttl_seconds: float | None = None) -> str:
@@ -317,7 +236,7 @@ class LoRAModule(LightningModule):
                 f"save_state/save_weights_for_sampler need the LoRACheckpointIO plugin, the trainer has "
                 f"{type(io).__name__}; create the Trainer with plugins=[LoRACheckpointIO(root=...)]"
             )
-        uris.validate_name(name, "checkpoint name")
+        validate_name(name, "checkpoint name")
         options = {"ttl_seconds": ttl_seconds} if ttl_seconds is not None else None
         trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
         return trainer.strategy.broadcast(io.resolve(name, checkpoint_type))
@@ -328,9 +247,7 @@ class LoRAModule(LightningModule):
         The frozen base weights are shared with this module, the adapter is copied: later training does
         not change what the client samples.
         """
-        from .sampling import SamplingClient, snapshot_identity
-
-        snapshot = copy.deepcopy(self.model, memo=_frozen_memo(self.model))
+        snapshot = copy.deepcopy(self.model, memo=frozen_memo(self.model))
         snapshot.requires_grad_(False)
         identity = snapshot_identity(self.adapter_state_dict())
         return SamplingClient(snapshot, self.get_tokenizer(), self.base_model_ref, identity, max_seq_len)
@@ -351,13 +268,10 @@ class LoRAModule(LightningModule):
         ``overrides`` replace constructor arguments, e.g. ``learning_rate`` or ``base_model``; the base is
         quantized as it was in training unless ``quantization`` says otherwise (None: full precision).
         """
-        uri = uris.resolve(uri, root)
-        manifest = storage.read_manifest(uri, storage_options)
-        if with_optimizer and manifest.checkpoint_type != "training":
-            raise ValueError(f"{uri} is a sampler checkpoint; with_optimizer=True needs a training checkpoint")
-        names = list(manifest.files) if with_optimizer else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-        checkpoint = decode_checkpoint(manifest, storage.read_files(uri, manifest, names, storage_options), uri)
-        config = checkpoint[LORA_KEY]["adapter_config"]
+        opened = open_checkpoint(uri, root, storage_options, with_state=with_optimizer)
+        manifest = opened.manifest
+        checkpoint = checkpoint_from_opened(opened)
+        config = opened.adapter_config
         kwargs: dict[str, Any] = {
             **{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")},
             "base_model": manifest.base_model.name_or_path,
@@ -373,21 +287,3 @@ class LoRAModule(LightningModule):
         if with_optimizer:
             module._restore_optimizer_from = checkpoint
         return module
-
-
-def _frozen_memo(model: torch.nn.Module) -> dict[int, Any]:
-    """A ``deepcopy`` memo that shares the frozen base: its parameters and bitsandbytes' per-layer quantization
-    state (an int8 layer keeps its quantized weight in ``state``, a 4-bit one its scales in ``quant_state``)."""
-    memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
-    bnb = sys.modules.get("bitsandbytes")  # loaded by any quantized base
-    if bnb is not None:
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear8bitLt):
-                memo[id(module.state)] = module.state
-            elif isinstance(module, bnb.nn.Linear4bit) and module.quant_state is not None:
-                memo[id(module.quant_state)] = module.quant_state
-    return memo
-
-
-def _normalise(value: Any) -> Any:
-    return sorted(value) if isinstance(value, (list, set, tuple)) else value

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import (
@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-TOKENIZER_DIR = Path(__file__).parent / "assets" / "tokenizer"
+TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "tokenizer"
 BUILTIN_INIT_SEED = 0
 #: ``quantization`` values of :func:`load_base_model` (and ``LoRAModule``).
 QUANTIZATIONS = ("nf4", "int8")
@@ -146,7 +146,7 @@ def float_dtype(dtype: str | torch.dtype, argument: str) -> torch.dtype:
     resolved = FLOAT_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if resolved not in FLOAT_DTYPES.values():
         raise ValueError(f"{argument}={dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
-    return resolved
+    return cast("torch.dtype", resolved)  # not None: None is not in FLOAT_DTYPES.values()
 
 
 def quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
@@ -204,7 +204,7 @@ def _without_cpu_repacking(model: PreTrainedModel) -> PreTrainedModel:
     # silently wrong: one validation or sampling pass would corrupt training. Keep the one layout.
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors/modules only
     return model
 
 

@@ -7,8 +7,9 @@ import json
 from datetime import datetime
 from typing import Any
 
-from .manifest import Manifest, iso_time, parse_time
-from .uris import TYPE_DIRS, CheckpointType
+from .layout import TYPE_DIRS, CheckpointType
+from .manifest import Manifest
+from .strict_json import iso_time, parse_time
 
 RUN_FILE = "run.json"
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from . import storage, uris
-from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef
-from .payload import LORA_KEY, decode_checkpoint
+from ..format.manifest import BaseModelRef, Manifest
+from ..storage.loading import open_checkpoint
+from .base import load_tokenizer
+from .peft_adapter import LORA_FIELDS, adapter_state_dict, build_peft_model, saved_lora_config
 
-_LORA_FIELDS = {f.name for f in dataclasses.fields(LoraConfig)}
+#: ``quantization`` of :meth:`SamplingClient.from_checkpoint` that rebuilds the base as it was in training.
+AS_TRAINED = "as-trained"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,19 +88,39 @@ class SamplingClient:
         root: str | None = None,
         storage_options: dict[str, Any] | None = None,
         max_seq_len: int | None = None,
-        **overrides: Any,
+        *,
+        dtype: str = "float32",
+        quantization: str | None = AS_TRAINED,
     ) -> SamplingClient:
-        """A client for any sampler or training checkpoint; ``base_model`` overrides the recorded base
-        (which must have the same fingerprint). The base is quantized as in training unless ``overrides``
-        say otherwise, e.g. ``quantization=None`` (full precision) or ``dtype="bfloat16"``."""
-        from .module import LoRAModule
+        """A client for any sampler or training checkpoint.
 
-        uri = uris.resolve(uri, root)
-        if base_model:
-            overrides["base_model"] = base_model
-        module = LoRAModule.from_checkpoint(uri, storage_options=storage_options, **overrides)
-        identity = _checkpoint_identity(uri, storage_options)
-        return cls(module.model, module.get_tokenizer(), module.base_model_ref, identity, max_seq_len)
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://``).
+            base_model: load this base instead of the recorded one (it must have the same fingerprint).
+            root: where ``lora://`` URIs resolve.
+            storage_options: fsspec options of the checkpoint's filesystem.
+            max_seq_len: prompts this long get no samples; longer samples are dropped.
+            dtype: dtype of the base's weights.
+            quantization: ``"nf4"``, ``"int8"`` or None (full precision); by default as in training.
+
+        Raises:
+            CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+            ValueError: ``base_model`` is not the checkpoint's base.
+        """
+        opened = open_checkpoint(uri, root, storage_options)
+        recorded = opened.manifest.base_model
+        model, loaded = build_peft_model(
+            recorded,
+            opened.adapter_config,
+            opened.adapter,
+            name_or_path=base_model,
+            dtype=dtype,
+            quantization=recorded.quantization if quantization == AS_TRAINED else quantization,
+            source=opened.uri,
+        )
+        tokenizer = load_tokenizer(loaded.name_or_path, opened.adapter_config.get("revision"))
+        identity = checkpoint_identity(opened.uri, opened.manifest)
+        return cls(model, tokenizer, loaded, identity, max_seq_len)
 
     # -- hotload ----------------------------------------------------------------------------------
     def load_adapter(
@@ -110,16 +132,11 @@ class SamplingClient:
         into the current adapter's tensors; any other is added next to it, switched to, and the old one
         deleted. Either way nothing changes unless the whole new adapter fits.
         """
-        uri = uris.resolve(uri, root)
-        manifest = storage.read_manifest(uri, storage_options)
-        manifest.base_model.check_compatible(self.base_model, uri)
-        files = storage.read_files(uri, manifest, [ADAPTER_WEIGHTS, ADAPTER_CONFIG], storage_options)
-        checkpoint = decode_checkpoint(manifest, files, uri)
-        config = {k: v for k, v in checkpoint[LORA_KEY]["adapter_config"].items() if k in _LORA_FIELDS}
-        lora_config = LoraConfig(**{**config, "inference_mode": True})
-        if not self._copy_into_active(lora_config, checkpoint["state_dict"]):
-            self._add_and_switch(lora_config, checkpoint["state_dict"], uri)
-        self.identity = AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
+        opened = open_checkpoint(uri, root, storage_options, base_model=self.base_model)
+        lora_config = saved_lora_config(opened.adapter_config)
+        if not self._copy_into_active(lora_config, opened.adapter):
+            self._add_and_switch(lora_config, opened.adapter, opened.uri)
+        self.identity = checkpoint_identity(opened.uri, opened.manifest)
         return self.identity
 
     @torch.no_grad()
@@ -127,9 +144,11 @@ class SamplingClient:
         """Copy ``state`` into the active adapter's tensors if it has the same config, keys and shapes."""
         active = self.model.active_adapter
         current = self.model.peft_config[active]
-        if any(getattr(current, f) != getattr(config, f) for f in _LORA_FIELDS - {"inference_mode"}):
+        if any(
+            getattr(current, f) != getattr(config, f) for f in LORA_FIELDS - {"inference_mode", "init_lora_weights"}
+        ):
             return False
-        tensors = get_peft_model_state_dict(self.model, adapter_name=active)  # views of its parameters
+        tensors = adapter_state_dict(self.model, active)  # views of its parameters
         if tensors.keys() != state.keys() or any(tensors[k].shape != state[k].shape for k in state):
             return False
         for key, tensor in state.items():
@@ -141,7 +160,7 @@ class SamplingClient:
         name = f"adapter{self._adapters}"
         try:
             self.model.add_adapter(name, config)
-            result = set_peft_model_state_dict(self.model, state, adapter_name=name)
+            result: Any = set_peft_model_state_dict(self.model, state, adapter_name=name)  # peft: `-> namedtuple`
             if any(name in key for key in result.missing_keys):
                 raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
         except BaseException:
@@ -198,7 +217,7 @@ class SamplingClient:
         for toks, lps, reason in zip(tokens, logprobs, finish, strict=True):
             if self.max_seq_len is not None and len(prompt_ids) + len(toks) > self.max_seq_len:
                 continue
-            text = self.tokenizer.decode(toks, skip_special_tokens=True)
+            text = cast(str, self.tokenizer.decode(toks, skip_special_tokens=True))  # one sequence: one str
             for s in stop_texts:
                 text = text.split(s, 1)[0]
             sequences.append(SampledSequence(toks, lps, text, "stop" if reason else "length"))
@@ -231,8 +250,8 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-def _checkpoint_identity(uri: str, storage_options: dict[str, Any] | None) -> AdapterIdentity:
-    manifest = storage.read_manifest(uri, storage_options)
+def checkpoint_identity(uri: str, manifest: Manifest) -> AdapterIdentity:
+    """Identity of a committed checkpoint: where it is and the digest of its immutable content."""
     return AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
 
 

@@ -1,0 +1,19 @@
+"""The content of one checkpoint file: bytes, or a file produced on demand (written or rendered once)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyFile:
+    """A checkpoint file produced on demand: ``write(path)`` writes it straight to a local file (no in-memory
+    copy of a large tensor file), ``render()`` returns its bytes (for object stores)."""
+
+    write: Callable[[str], None]
+    render: Callable[[], bytes]
+
+
+#: The content of one file of a checkpoint.
+FileContent = bytes | LazyFile

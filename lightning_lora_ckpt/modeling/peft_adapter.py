@@ -1,0 +1,167 @@
+"""PEFT LoRA adapters on a base model: building a ``PeftModel`` from a base reference and an adapter config,
+reading an adapter's tensors and config out of one, and loading verified tensors into it.
+
+Nothing here knows Lightning: ``LoRAModule``, the checkpoint plugin, sampling and hotload all build and
+read adapters through these functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import sys
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from transformers import PreTrainedModel
+
+from ..format.manifest import BaseModelRef
+from .base import config_fingerprint, load_base_model
+
+#: The settings of PEFT's ``LoraConfig``.
+LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
+#: LoRA settings that must match between a checkpoint and the model it is loaded into.
+LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
+
+
+def saved_lora_config(adapter_config: dict[str, Any]) -> LoraConfig:
+    """The ``LoraConfig`` of a saved ``adapter_config.json``, for loading its tensors (inference mode).
+
+    Initialisation is switched off: the tensors are loaded right after, and some initialisations
+    (``init_lora_weights="pissa"``, ``"olora"``, ...) rewrite the frozen base weights.
+    """
+    settings = {k: v for k, v in adapter_config.items() if k in LORA_FIELDS}
+    return LoraConfig(**{**settings, "inference_mode": True, "init_lora_weights": False})
+
+
+def new_peft_model(base: PreTrainedModel, config: LoraConfig, name_or_path: str, seed: int) -> PeftModel:
+    """Wrap a frozen base in a fresh LoRA adapter, initialised from ``seed`` without touching the global RNG."""
+    for p in base.parameters():
+        p.requires_grad_(False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, config)
+    model.peft_config[model.active_adapter].base_model_name_or_path = name_or_path
+    return model
+
+
+def base_reference(base: PreTrainedModel, name_or_path: str, quantization: str | None) -> BaseModelRef:
+    """The identity a checkpoint records of ``base``: its name and the fingerprint of its config."""
+    return BaseModelRef(name_or_path, config_fingerprint(base.config), quantization)
+
+
+def build_peft_model(
+    base_model: BaseModelRef,
+    adapter_config: dict[str, Any],
+    adapter: dict[str, torch.Tensor],
+    *,
+    name_or_path: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    quantization: str | None = None,
+    source: str = "the checkpoint",
+) -> tuple[PeftModel, BaseModelRef]:
+    """Load the base a checkpoint names (or ``name_or_path``, which must have its fingerprint) and the adapter.
+
+    Returns:
+        The model (eval mode, nothing trainable) and the reference of the base actually loaded.
+
+    Raises:
+        ValueError: the base is not the checkpoint's, or the tensors do not fit the config.
+    """
+    name = name_or_path or base_model.name_or_path
+    base = load_base_model(name, dtype=dtype, revision=adapter_config.get("revision"), quantization=quantization)
+    loaded = base_reference(base, name, quantization)
+    base_model.check_compatible(loaded, source)
+    model = new_peft_model(base, saved_lora_config(adapter_config), name, seed=0)
+    load_adapter_tensors(model, adapter, source)
+    model.requires_grad_(False)
+    return model.eval(), loaded
+
+
+def adapter_config_of(model: PeftModel, adapter_name: str | None = None) -> dict[str, Any]:
+    """An adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes)."""
+    config = copy.deepcopy(model.peft_config[adapter_name or model.active_adapter])
+    config.inference_mode = True
+    return json.loads(json.dumps(config.to_dict(), default=sorted))
+
+
+def adapter_state_dict(model: PeftModel, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """An adapter's tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
+    # save_embedding_layers=False: "auto" looks the base up on the Hub at every save, and the
+    # frozen embeddings are never part of a checkpoint.
+    return get_peft_model_state_dict(
+        model, adapter_name=adapter_name or model.active_adapter, save_embedding_layers=False
+    )
+
+
+def adapter_parameter_names(model: PeftModel, prefix: str = "") -> dict[str, str]:
+    """PEFT's adapter key names -> the names of the trainable parameters they are saved from.
+
+    Worked out once by PEFT itself (a dict of names stands in for the tensors), so a caller picks an
+    adapter out of any gathered state dict with one lookup per tensor.
+    """
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    mapping = get_peft_model_state_dict(model, state_dict={n: n for n in trainable}, save_embedding_layers=False)
+    return {peft_key: f"{prefix}{name}" for peft_key, name in mapping.items()}
+
+
+def check_same_lora(ours: dict[str, Any], theirs: dict[str, Any], source: str) -> None:
+    """Refuse an adapter config whose LoRA identity (rank, alpha, targets, variants) differs from ``ours``.
+
+    Raises:
+        ValueError: naming the setting and both values.
+    """
+    for key in LORA_IDENTITY:
+        a, b = _normalise(theirs.get(key)), _normalise(ours.get(key))
+        if a != b:
+            raise ValueError(
+                f"Checkpoint {source} has LoRA {key}={a!r} but this module has {key}={b!r}; build the module "
+                "with the checkpoint's LoRA settings (LoRAModule.from_checkpoint reads them from it)"
+            )
+
+
+def check_adapter_tensors(expected: dict[str, tuple[int, ...]], adapter: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse adapter tensors whose keys or shapes differ from ``expected`` (PEFT key -> shape).
+
+    Raises:
+        ValueError: naming the missing, unexpected or misshapen tensors.
+    """
+    missing, unexpected = sorted(set(expected) - set(adapter)), sorted(set(adapter) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"Adapter tensors of {source} do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for key, tensor in adapter.items():
+        if tuple(tensor.shape) != expected[key]:
+            raise ValueError(
+                f"Adapter tensor {key} of {source} has shape {tuple(tensor.shape)}, the model expects {expected[key]}"
+            )
+
+
+@torch.no_grad()
+def load_adapter_tensors(model: PeftModel, adapter: dict[str, torch.Tensor], source: str) -> None:
+    """Copy verified adapter tensors into the active adapter of an unsharded model, checking keys and shapes."""
+    current = adapter_state_dict(model)  # views of the parameters
+    check_adapter_tensors({k: tuple(v.shape) for k, v in current.items()}, adapter, source)
+    for key, tensor in adapter.items():
+        current[key].copy_(tensor)
+
+
+def frozen_memo(model: torch.nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that shares the frozen base: its parameters and bitsandbytes' per-layer quantization
+    state (an int8 layer keeps its quantized weight in ``state``, a 4-bit one its scales in ``quant_state``)."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
+    bnb = sys.modules.get("bitsandbytes")  # loaded by any quantized base
+    if bnb is not None:
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear8bitLt):
+                memo[id(module.state)] = module.state
+            elif isinstance(module, bnb.nn.Linear4bit) and module.quant_state is not None:
+                memo[id(module.quant_state)] = module.quant_state
+    return memo
+
+
+def _normalise(value: Any) -> Any:
+    return sorted(value) if isinstance(value, (list, set, tuple)) else value

@@ -1,0 +1,74 @@
+"""The one way to open a checkpoint: URI -> verified manifest + decoded :class:`CheckpointPayload`.
+
+Sampling, merging, Hub push, hotload, ``LoRAModule.from_checkpoint`` and resume all open checkpoints
+here, so a check added once (sizes, checksums, config types, ranks, base model) applies to every reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ..format.layout import resolve
+from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, Manifest
+from ..format.payload import CheckpointPayload
+from .read import read_files, read_manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class OpenedCheckpoint:
+    """A checkpoint read and verified: where it is, its manifest, the verified bytes of the files read, and
+    their decoded contents."""
+
+    uri: str
+    manifest: Manifest
+    files: dict[str, bytes]
+    payload: CheckpointPayload
+
+    @property
+    def adapter(self) -> dict[str, Any]:
+        """The adapter tensors under PEFT's key names."""
+        return self.payload.adapter
+
+    @property
+    def adapter_config(self) -> dict[str, Any]:
+        """The adapter's PEFT config (``adapter_config.json``)."""
+        return self.payload.adapter_config
+
+
+def open_checkpoint(
+    uri: str | os.PathLike[str],
+    root: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    with_state: bool | None = False,
+    base_model: BaseModelRef | None = None,
+) -> OpenedCheckpoint:
+    """Read, verify and decode the checkpoint at ``uri`` (any fsspec URI, local path or ``lora://``).
+
+    Args:
+        uri: the checkpoint directory.
+        root: where ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
+        storage_options: fsspec options of the checkpoint's filesystem.
+        with_state: also read the training state (optimizer, loops, RNG): True requires a training
+            checkpoint, None reads it if the checkpoint has one.
+        base_model: refuse the checkpoint unless it was trained on this base.
+
+    Returns:
+        The opened checkpoint; its payload holds the training state only ``with_state``.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: ``with_state`` on a sampler checkpoint, or a checkpoint of another base.
+    """
+    resolved = resolve(uri, root)
+    manifest = read_manifest(resolved, storage_options)
+    if with_state and manifest.checkpoint_type != "training":
+        raise ValueError(f"{resolved} is a sampler checkpoint; the training state needs a training checkpoint")
+    if base_model is not None:
+        manifest.base_model.check_compatible(base_model, resolved)
+    names = list(manifest.files) if with_state is not False else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    files = read_files(resolved, manifest, names, storage_options)
+    return OpenedCheckpoint(resolved, manifest, files, CheckpointPayload.from_files(manifest, files, resolved))

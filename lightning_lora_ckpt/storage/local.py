@@ -1,0 +1,226 @@
+"""The local commit protocol: write and fsync into a hidden temporary sibling, then rename it into place."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from fsspec.implementations.local import LocalFileSystem
+
+from ..format.files import FileContent
+from ..format.manifest import MANIFEST, FileEntry, Manifest, sha256_hex
+from ..format.strict_json import CheckpointFormatError
+from .fs import storage_errors
+from .protocol import CommitProtocol, MakeManifest, saved_concurrently
+
+#: Hidden local entries of a write in progress, or what an interrupted one left: ``.<name>.tmp-<uuid>``
+#: (being written) and ``.<name>.deleting-<uuid>`` (being deleted). Readers skip them; ``gc`` sweeps old ones.
+TEMP_ENTRY = re.compile(r"\..+\.(tmp|deleting)-[0-9a-f]{32}")
+
+
+class LocalRenameCommit(CommitProtocol):
+    """Checkpoints on a local disk: every file and the manifest are fsynced in a hidden sibling, which is
+    renamed into place in one atomic step (an existing checkpoint is swapped out by ``RENAME_EXCHANGE``)."""
+
+    def commit(
+        self, uri: str, path: str, files: Mapping[str, FileContent], make_manifest: MakeManifest, replace: bool
+    ) -> Manifest:
+        """See :meth:`CommitProtocol.commit`.
+
+        Each file is hashed and fsynced in a worker thread while the next one is written (sha256 and fsync
+        release the GIL), so a save costs little more than writing its bytes once.
+        """
+        parent, name = os.path.split(path)
+        tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+        try:
+            with (
+                storage_errors("write checkpoint", uri),
+                ThreadPoolExecutor(4, thread_name_prefix="lora-ckpt-sync") as pool,
+            ):
+                os.makedirs(parent, exist_ok=True)
+                os.mkdir(tmp)
+                digests: dict[str, Future[str]] = {}
+                synced = []
+                for fname, content in files.items():
+                    target = os.path.join(tmp, fname)
+                    if isinstance(content, bytes):
+                        _write_file(target, content)
+                        digests[fname] = pool.submit(sha256_hex, content)
+                    else:
+                        content.write(target)
+                        digests[fname] = pool.submit(_sha256_file, target)
+                    synced.append(pool.submit(fsync_path, target))
+                entries = {
+                    fname: FileEntry(os.path.getsize(os.path.join(tmp, fname)), digest.result())
+                    for fname, digest in digests.items()
+                }
+                for future in synced:
+                    future.result()
+            manifest = make_manifest(entries)
+            with storage_errors("write checkpoint", uri):
+                _write_file(os.path.join(tmp, MANIFEST), manifest.to_json())
+                fsync_path(os.path.join(tmp, MANIFEST))
+                fsync_path(tmp)
+                if replace or not _rename_if_free(tmp, path):
+                    install_dir(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                remove_local_dir(tmp)
+            raise
+        return manifest
+
+    def write_manifest(self, path: str, manifest: Manifest) -> None:
+        replace_file(os.path.join(path, MANIFEST), manifest.to_json())
+
+    def delete(self, path: str) -> None:
+        if os.path.exists(path):
+            remove_local_dir(path)
+
+    def write_if_absent(self, path: str, data: bytes) -> None:
+        if os.path.exists(path):
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        replace_file(path, data)  # a process killed mid-write must not leave a truncated file
+
+    def remove_leftover(self, unit: str, members: list[str]) -> None:
+        """Rename the temporary entry away, then delete it: a save committing it at that moment either wins
+        (and is not touched) or fails with an error, never half-deleted after its commit."""
+        remove_local_dir(unit)
+
+    def check_member(self, uri: str, path: str, name: str) -> None:
+        """Refuse a link leading out of the checkpoint directory, a FIFO or a device.
+
+        Raises:
+            CheckpointFormatError: naming the checkpoint and the file.
+        """
+        target = os.path.realpath(os.path.join(path, name))
+        if os.path.dirname(target) != os.path.realpath(path):
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} is unsafe: {name} is a link to {target}, outside the checkpoint directory; "
+                "refusing to read it"
+            )
+        if os.path.exists(target) and not os.path.isfile(target):
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} is unsafe: {name} is not a regular file; refusing to read it"
+            )
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Write a local file by writing and fsyncing a hidden sibling and renaming it over ``path``."""
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _sha256_file(path: str) -> str:
+    """sha256 of a local file, read back in chunks (from the page cache, just after it was written)."""
+    digest, chunk = hashlib.sha256(), bytearray(1 << 20)
+    view = memoryview(chunk)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(chunk):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def _rename_if_free(tmp: str, path: str) -> bool:
+    """Rename ``tmp`` to ``path`` unless a non-empty directory is there (one atomic check-and-rename).
+
+    Returns False for a leftover without a manifest at ``path``; a committed checkpoint there (one saved
+    concurrently since the caller checked) is a ``FileExistsError``.
+    """
+    try:
+        os.rename(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        if os.path.exists(os.path.join(path, MANIFEST)):
+            raise saved_concurrently(path) from None
+        return False
+    fsync_path(os.path.dirname(path))
+    return True
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    renameat2 = getattr(_LIBC, "renameat2", None) if _LIBC else None
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV):  # no such call, or not on this filesystem
+        return False
+    raise OSError(code, os.strerror(code), a, None, b)
+
+
+def install_dir(tmp: str, path: str) -> None:
+    """Rename the finished local directory ``tmp`` to ``path``.
+
+    Whatever is at ``path`` (a leftover, or what is being replaced) is swapped out in the same atomic step
+    where the kernel can (Linux ``RENAME_EXCHANGE``), else renamed away just before; then it is deleted.
+    A concurrent writer creating or replacing ``path`` meanwhile only makes it try again: the last one wins.
+    """
+    parent, name = os.path.split(path)
+    while True:
+        previous = None
+        try:
+            if os.path.exists(path) and _exchange(tmp, path):
+                previous = tmp  # now holds what was replaced
+            else:
+                if os.path.exists(path):
+                    previous = os.path.join(parent, f".{name}.deleting-{uuid.uuid4().hex}")
+                    os.rename(path, previous)
+                os.rename(tmp, path)
+            break
+        except OSError as err:  # path appeared (ENOTEMPTY, EEXIST) or vanished (ENOENT) since the check
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT) or not os.path.isdir(tmp):
+                raise
+    fsync_path(parent)
+    if previous:
+        with contextlib.suppress(FileNotFoundError):  # gc(incomplete_after=0) may have swept it already
+            LocalFileSystem().rm(previous, recursive=True)
+
+
+def remove_local_dir(path: str) -> None:
+    """Delete a local file or directory by renaming it to a hidden ``.deleting-`` sibling first.
+
+    The rename is atomic: the entry vanishes from listings before its files do, and a concurrent rename of
+    ``path`` (a commit) either happens first (then this raises ``FileNotFoundError``) or fails.
+    """
+    trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
+    os.rename(path, trash)
+    LocalFileSystem().rm(trash, recursive=True)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory (its entries) by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
