@@ -13,7 +13,7 @@ from .format.version import __version__
 
 _EXPORTS = {
     "Checkpoint": "format.records",
-    "CheckpointConflictError": "storage.store",
+    "CheckpointConflictError": "storage.fs",
     "CheckpointFormatError": "format.strict_json",
     "CheckpointStore": "storage.store",
     "CheckpointTTL": "lightning.callbacks",
@@ -22,6 +22,7 @@ _EXPORTS = {
     "HubPublisher": "lightning.hub_publisher",
     "HubPublishError": "storage.hub",
     "JSONLDataModule": "lightning.data",
+    "LoRAAdapterCheckpointing": "lightning.adapter_callback",
     "load_base_model": "modeling.base",
     "load_tokenizer": "modeling.base",
     "LoRACheckpointIO": "lightning.checkpoint_io",
@@ -46,6 +47,7 @@ __all__ = [
     "HubPublishError",
     "HubPublisher",
     "JSONLDataModule",
+    "LoRAAdapterCheckpointing",
     "LoRACheckpointIO",
     "LoRAFSDPStrategy",
     "LoRAModelParallelStrategy",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
     from .format.records import Checkpoint, TrainingRun
     from .format.state_codec import StateEncodingError
     from .format.strict_json import CheckpointFormatError
+    from .lightning.adapter_callback import LoRAAdapterCheckpointing
     from .lightning.callbacks import CheckpointTTL, PeriodicCheckpoint
     from .lightning.checkpoint_io import LoRACheckpointIO
     from .lightning.data import JSONLDataModule
@@ -76,9 +79,9 @@ if TYPE_CHECKING:
     from .modeling.base import load_base_model, load_tokenizer
     from .modeling.sampling import SamplingClient, SamplingParams
     from .storage.archive import extract_archive
-    from .storage.fs import CheckpointWriteError
+    from .storage.fs import CheckpointConflictError, CheckpointWriteError
     from .storage.hub import HubPublishError, push_to_hub
-    from .storage.store import CheckpointConflictError, CheckpointStore
+    from .storage.store import CheckpointStore
     from .tools.export import merge_adapter
 
 

@@ -15,8 +15,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MODULE_KWARGS, FailingMemoryFS, batch_loader, fake_checkpoint, make_trainer
 
+from helpers.checkpoints import fake_checkpoint
+from helpers.resume import train
+from helpers.storage import FailingMemoryFS
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import CheckpointStore, CheckpointTTL, LoRACheckpointIO, LoRAModule, PeriodicCheckpoint
 
 
@@ -98,7 +101,7 @@ AUTORESUME_CHILD = textwrap.dedent(
     import sys, time
     import lightning as L
     sys.path.insert(0, sys.argv[1])
-    from test_resume import train
+    from helpers.resume import train
     from lightning_lora_ckpt import LoRACheckpointIO, PeriodicCheckpoint
 
     class Slow(L.Callback):
@@ -115,9 +118,6 @@ AUTORESUME_CHILD = textwrap.dedent(
 
 
 def test_sigkill_then_ckpt_path_last_reaches_the_uninterrupted_adapter(tmp_path: Path) -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_resume import train
-
     expected, _ = train(LoRACheckpointIO(root=str(tmp_path / "straight"), run_id="s"), stateful=True)
     root = str(tmp_path / "auto")
     args = [sys.executable, "-c", AUTORESUME_CHILD, str(Path(__file__).parent), root]

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import MODULE_KWARGS, FailingMemoryFS, batch_loader, fake_checkpoint, make_trainer
 from fsspec.implementations.memory import MemoryFileSystem
 
+from helpers.storage import FailingMemoryFS
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import CheckpointFormatError, CheckpointStore, LoRACheckpointIO, LoRAModule
 from lightning_lora_ckpt.format.manifest import Manifest
 from lightning_lora_ckpt.storage.read import read_files, read_manifest
@@ -225,16 +226,6 @@ def test_killed_writer_never_leaves_a_damaged_visible_checkpoint(tmp_path) -> No
             read_files(checkpoint.path, manifest, list(manifest.files))  # verifies sizes and sha256
         leftovers = [n for n in os.listdir(root / "crash" / "weights") if n.startswith(".")]
         assert all(".tmp-" in n for n in leftovers)
-
-
-def test_overwrite_swaps_in_the_new_checkpoint(tmp_path) -> None:
-    io = LoRACheckpointIO(root=str(tmp_path), run_id="run", async_save=False)
-    io.save_checkpoint(fake_checkpoint(1), "final")
-    io.save_checkpoint(fake_checkpoint(2), "final", {"overwrite": True})
-    assert read_manifest(io.resolve("final", "training")).step == 2
-    assert [n for n in os.listdir(tmp_path / "run" / "weights")] == ["final"]  # no hidden leftovers
-    with pytest.raises(FileExistsError):
-        io.save_checkpoint(fake_checkpoint(3), "final")
 
 
 @pytest.mark.parametrize("sampler_dtype", [None, "float32"])

@@ -14,7 +14,7 @@ import torch
 
 from lightning_lora_ckpt import CheckpointStore
 
-JOB = Path(__file__).with_name("distributed_job.py")
+JOB = Path(__file__).parent / "support" / "distributed_job.py"  # run as a script
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs CUDA")
 

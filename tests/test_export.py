@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, load_base_model, merge_adapter
 from lightning_lora_ckpt.modeling.base import config_fingerprint
 from lightning_lora_ckpt.tools import export as export_module

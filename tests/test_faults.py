@@ -1,4 +1,4 @@
-"""Storage faults on S3: a real proxy (tests/fault_proxy.py) between s3fs/botocore and the moto server.
+"""Storage faults on S3: a real proxy (tests/support/fault_proxy.py) between s3fs/botocore and the moto server.
 
 Transient faults are retried by the libraries (botocore's standard retry mode, then s3fs) and the save
 lands intact; persistent ones end in a ``CheckpointWriteError`` naming the checkpoint within a bounded
@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, fake_checkpoint, make_trainer
-from fault_proxy import FaultKind, FaultProxy, fault_proxy
 
+from helpers.checkpoints import fake_checkpoint
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import (
     CheckpointStore,
     CheckpointWriteError,
@@ -27,6 +27,7 @@ from lightning_lora_ckpt import (
     PeriodicCheckpoint,
 )
 from lightning_lora_ckpt.storage.fs import S3_CONFIG_DEFAULTS, url_to_fs
+from support.fault_proxy import FaultKind, FaultProxy, fault_proxy
 
 # Small bounds for the persistent-fault tests: 2 botocore attempts, 1 s timeouts.
 FAST_FAIL = {"retries": {"mode": "standard", "total_max_attempts": 2}, "connect_timeout": 1, "read_timeout": 1}

@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import (
     CheckpointFormatError,
     CheckpointStore,

@@ -15,11 +15,10 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer, token_batches
-from hub_server import HubServer
 from huggingface_hub import ModelCard, constants, snapshot_download
 from peft import PeftModel
 
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from lightning_lora_ckpt import (
     CheckpointStore,
     HubPublisher,
@@ -30,6 +29,7 @@ from lightning_lora_ckpt import (
     load_base_model,
     push_to_hub,
 )
+from support.hub_server import HubServer
 
 TOKEN = "hf_local_test_token"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]

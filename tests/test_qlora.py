@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, assert_same_state, batch_loader, make_trainer, token_batches
 from peft import PeftModel
-from test_resume import LossRecorder, StopAt, adapter, shuffled_loader
 from transformers import AutoModelForCausalLM
 
+from helpers.compare import assert_same_state
+from helpers.resume import LossRecorder, StopAt, adapter, shuffled_loader
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from lightning_lora_ckpt import (
     LoRACheckpointIO,
     LoRAModule,

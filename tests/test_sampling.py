@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
-from conftest import MODULE_KWARGS, batch_loader, make_trainer
 from peft import PeftModel
 from transformers import GenerationConfig
 
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, SamplingClient, SamplingParams, load_base_model
 from lightning_lora_ckpt.modeling import sampling
 from lightning_lora_ckpt.storage.read import read_manifest

@@ -9,10 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import fake_checkpoint
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.checkpoints import fake_checkpoint
 from lightning_lora_ckpt.format.state_codec import StateEncodingError, decode_state, encode_state
 from lightning_lora_ckpt.lightning.async_io import snapshot_tensor
 from lightning_lora_ckpt.lightning.checkpoint_dict import payload_from_checkpoint

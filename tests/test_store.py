@@ -1,144 +1,23 @@
-"""CheckpointStore on a local root, on memory:// and on S3 (moto over HTTP on loopback)."""
+"""CheckpointStore: S3 lifecycle tags, archive extraction refusals, and a gc property test on memory://.
+
+The storage contract every backend meets is tests/storage_suite.py (run by tests/test_storage_backends.py)."""
 
 from __future__ import annotations
 
 import io as _io
-import os
 import tarfile
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fake_checkpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_lora_ckpt import (
-    CheckpointConflictError,
-    CheckpointFormatError,
-    CheckpointStore,
-    LoRACheckpointIO,
-    extract_archive,
-)
+from helpers.checkpoints import fake_checkpoint, populate
+from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO, extract_archive
 from lightning_lora_ckpt.format.strict_json import utcnow
 from lightning_lora_ckpt.storage.commit import object_tags
-from lightning_lora_ckpt.storage.fs import url_to_fs
-
-
-def populate(root: str, options: dict[str, Any]) -> LoRACheckpointIO:
-    io = LoRACheckpointIO(root=root, run_id="r1", async_save=False, storage_options=options)
-    io.save_checkpoint(fake_checkpoint(1), "t1")
-    io.save_checkpoint(fake_checkpoint(1, training=False), "s1", {"ttl_seconds": 3600})
-    io.save_checkpoint(fake_checkpoint(2), "t2", {"ttl_seconds": 60, "user_metadata": {"note": "x"}})
-    other = LoRACheckpointIO(root=root, run_id="r2", async_save=False, storage_options=options)
-    time.sleep(0.01)
-    other.save_checkpoint(fake_checkpoint(5, training=False), "s5")
-    return io
-
-
-def test_listing_and_runs(root: tuple[str, dict[str, Any]]) -> None:
-    uri, options = root
-    populate(uri, options)
-    store = CheckpointStore(uri, options)
-    assert [r.run_id for r in store.list_runs()] == ["r1", "r2"]
-    run = store.get_run("r1")
-    assert run.base_model == "tiny-qwen3" and run.lora_rank == 4
-    assert (
-        run.last_checkpoint.checkpoint_id == "weights/t2"
-        and run.last_sampler_checkpoint.checkpoint_id == "sampler_weights/s1"
-    )
-    listed = store.list_checkpoints("r1")
-    assert [c.checkpoint_id for c in listed] == ["weights/t1", "sampler_weights/s1", "weights/t2"]
-    assert listed[2].user_metadata == {"note": "x"} and listed[2].path == f"{store.root}/r1/weights/t2"
-    assert store.get("lora://r1/weights/t2") == listed[2]
-    page = store.list_user_checkpoints(limit=2, offset=1)
-    assert [c.checkpoint_id for c in page.checkpoints] == ["weights/t2", "sampler_weights/s1"]
-    assert (page.cursor.offset, page.cursor.limit, page.cursor.total_count) == (1, 2, 4)
-    assert store.last_checkpoint("r2") is None and store.last_checkpoint("r2", "sampler").step == 5
-    with pytest.raises(KeyError, match=r"No run 'nope'"):
-        store.get_run("nope")
-    with pytest.raises(CheckpointFormatError, match=r"checkpoint\.json is missing"):
-        store.get("lora://r1/weights/missing")
-
-
-def test_ttl_publish_delete_never_touch_the_weights(root: tuple[str, dict[str, Any]]) -> None:
-    uri, options = root
-    populate(uri, options)
-    store = CheckpointStore(uri, options)
-    target = "lora://r1/weights/t1"
-    fs, path = url_to_fs(store.resolve(target), options)
-    weights_before = fs.cat_file(f"{path}/adapter_model.safetensors")
-    updated = store.set_ttl(target, "2h")
-    assert timedelta(hours=2) - timedelta(seconds=5) < updated.expires_at - utcnow() <= timedelta(hours=2)
-    assert store.set_ttl(target, None).expires_at is None
-    with pytest.raises(ValueError, match="must be positive"):
-        store.set_ttl(target, 0)
-    assert store.publish(target).public
-    with pytest.raises(CheckpointConflictError, match="already public"):
-        store.publish(target)
-    assert not store.unpublish(target).public
-    with pytest.raises(CheckpointConflictError, match="already private"):
-        store.unpublish(target)
-    assert store.verify(target).ok
-    assert fs.cat_file(f"{path}/adapter_model.safetensors") == weights_before
-    store.delete(target)
-    assert [c.checkpoint_id for c in store.list_checkpoints("r1")] == ["sampler_weights/s1", "weights/t2"]
-    with pytest.raises(CheckpointFormatError):
-        store.delete(target)
-
-
-def test_gc_keeps_newest_training_public_and_unfinished(root: tuple[str, dict[str, Any]]) -> None:
-    uri, options = root
-    io = populate(uri, options)
-    store = CheckpointStore(uri, options)
-    store.set_ttl("lora://r1/weights/t1", 1)
-    store.set_ttl("lora://r2/sampler_weights/s5", 1)
-    store.publish("lora://r2/sampler_weights/s5")
-    fs, path = url_to_fs(f"{store.root}/r1/weights/unfinished", options)
-    fs.makedirs(path, exist_ok=True)
-    fs.pipe_file(f"{path}/adapter_model.safetensors", b"partial")  # a save in flight: no manifest yet
-    later = utcnow() + timedelta(days=1)
-    planned = store.gc(dry_run=True, now=later)
-    assert sorted(c.checkpoint_id for c in planned) == ["sampler_weights/s1", "weights/t1"]
-    assert len(store.list_checkpoints("r1")) == 3
-    assert store.gc(now=later) == planned
-    assert [c.checkpoint_id for c in store.list_checkpoints("r1")] == ["weights/t2"]  # expired, but newest
-    assert fs.exists(f"{path}/adapter_model.safetensors")
-    assert store.gc(now=later) == []
-    assert io.load_checkpoint("t2")["global_step"] == 2
-
-
-def test_verify_download_and_archive(root: tuple[str, dict[str, Any]], tmp_path: Path) -> None:
-    uri, options = root
-    populate(uri, options)
-    store = CheckpointStore(uri, options)
-    seen: list[tuple[str, int, int]] = []
-    local = store.download("lora://r1/weights/t2", tmp_path / "dl", progress=lambda *a: seen.append(a))
-    assert sorted(os.listdir(local)) == sorted(
-        [
-            "adapter_model.safetensors",
-            "adapter_config.json",
-            "training_state.safetensors",
-            "training_state.json",
-            "checkpoint.json",
-        ]
-    )
-    assert CheckpointStore(str(tmp_path)).verify(local).ok
-    assert any(done == total for _, done, total in seen)
-    with pytest.raises(FileExistsError, match="not empty"):
-        store.download("lora://r1/weights/t2", local)
-    tar = store.archive("lora://r1/weights/t2", str(tmp_path / "t2.tar.gz"))
-    extracted = extract_archive(tar, tmp_path / "x")
-    assert CheckpointStore(str(tmp_path)).verify(extracted).ok
-    fs, path = url_to_fs(store.resolve("lora://r1/weights/t2"), options)
-    fs.pipe_file(f"{path}/training_state.json", b'{"tampered": true}')
-    report = store.verify("lora://r1/weights/t2")
-    assert not report.ok and "training_state.json has" in report.problems[0]
-    with pytest.raises(CheckpointFormatError, match="damaged"):
-        store.download("lora://r1/weights/t2", tmp_path / "dl2")
-    assert not (tmp_path / "dl2").exists()
 
 
 def test_s3_objects_carry_lifecycle_ttl_tags(s3_server: dict[str, Any]) -> None:

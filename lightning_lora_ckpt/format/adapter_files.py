@@ -36,7 +36,15 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
 
 
 def encode_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, FileContent]:
-    """The adapter's two files; the tensor file is serialised only when written."""
+    """The adapter's two files; the tensor file is serialised only when written.
+
+    Args:
+        tensors: the adapter tensors under PEFT's key names.
+        config: the PEFT config, as ``adapter_config.json`` holds it.
+
+    Returns:
+        The contents of ``adapter_model.safetensors`` and ``adapter_config.json``, by file name.
+    """
     return {
         ADAPTER_WEIGHTS: safetensors_file(tensors, _SAFETENSORS_METADATA),
         ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
@@ -47,6 +55,14 @@ def decode_adapter(
     files: dict[str, bytes], lora_rank: int, source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The (tensors, PEFT config) of an adapter's verified files; ``lora_rank`` is the manifest's.
+
+    Args:
+        files: the verified bytes of ``adapter_model.safetensors`` and ``adapter_config.json``, by file name.
+        lora_rank: the manifest's ``lora_rank``, which the config's ``r`` must equal.
+        source: the checkpoint's URI, for error messages.
+
+    Returns:
+        The adapter tensors under PEFT's key names, and the PEFT config.
 
     Raises:
         CheckpointFormatError: naming ``source``, if a file is malformed or the two do not belong together.
@@ -64,6 +80,11 @@ def decode_adapter(
 
 def check_adapter(adapter: dict[str, torch.Tensor], config: dict[str, Any], source: str) -> None:
     """Refuse a PEFT config lacking a setting or with one of the wrong type, or whose ranks the tensors lack.
+
+    Args:
+        adapter: the adapter tensors under PEFT's key names.
+        config: the PEFT config; it must hold ``r``.
+        source: the checkpoint's URI, for error messages.
 
     Raises:
         CheckpointFormatError: naming ``source`` and the setting.

@@ -9,7 +9,12 @@ from collections.abc import Callable
 @dataclasses.dataclass(frozen=True)
 class LazyFile:
     """A checkpoint file produced on demand: ``write(path)`` writes it straight to a local file (no in-memory
-    copy of a large tensor file), ``render()`` returns its bytes (for object stores)."""
+    copy of a large tensor file), ``render()`` returns its bytes (for object stores).
+
+    Attributes:
+        write: writes the file to the local path it is given.
+        render: returns the file's bytes.
+    """
 
     write: Callable[[str], None]
     render: Callable[[], bytes]

@@ -41,7 +41,12 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
-    """Size and sha256 of one file of a checkpoint."""
+    """Size and sha256 of one file of a checkpoint.
+
+    Attributes:
+        size: the file's size in bytes.
+        sha256: the sha256 of its bytes, as 64 lowercase hex digits.
+    """
 
     size: int
     sha256: str
@@ -53,6 +58,11 @@ class BaseModelRef:
 
     ``quantization`` records how the base was quantized in training (``"nf4"``, ``"int8"`` or None) so
     loaders rebuild it the same way by default; it is not part of the base's identity.
+
+    Attributes:
+        name_or_path: the base's HF id, local path or built-in name.
+        fingerprint: the sha256 of its architecture config (``modeling.base.config_fingerprint``).
+        quantization: ``"nf4"``, ``"int8"`` or None, as in training.
     """
 
     name_or_path: str
@@ -60,7 +70,17 @@ class BaseModelRef:
     quantization: str | None = None
 
     def check_compatible(self, other: BaseModelRef, checkpoint: str) -> None:
-        """Raise ``ValueError`` naming both bases if ``other`` is not the base this checkpoint was trained on."""
+        """Raise ``ValueError`` naming both bases if ``other`` is not the base this checkpoint was trained on.
+
+        Only the fingerprints are compared: the same base under another name or path is compatible.
+
+        Args:
+            other: the base about to be used.
+            checkpoint: the checkpoint's URI, for the error message.
+
+        Raises:
+            ValueError: the fingerprints differ.
+        """
         if self.fingerprint != other.fingerprint:
             raise ValueError(
                 f"Checkpoint {checkpoint} was trained on base model {self.name_or_path!r} "
@@ -71,7 +91,23 @@ class BaseModelRef:
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-    """Contents of ``checkpoint.json``."""
+    """Contents of ``checkpoint.json`` (docs/format.md).
+
+    Attributes:
+        checkpoint_type: ``"training"`` or ``"sampler"``.
+        run_id: the run the checkpoint belongs to.
+        name: the checkpoint's name within its run and type.
+        created_at: when it was saved (UTC).
+        step: the global step it was saved at.
+        epoch: the epoch it was saved in.
+        base_model: the frozen base it needs.
+        lora_rank: the adapter's LoRA rank ``r``.
+        files: size and sha256 of every other file of the checkpoint, by file name.
+        expires_at: when ``gc`` may delete it (UTC), or None; mutable.
+        public: whether it is published (never deleted by ``gc`` or lifecycle rules); mutable.
+        user_metadata: free-form JSON metadata; mutable.
+        versions: versions of the packages that wrote it, by package name.
+    """
 
     checkpoint_type: CheckpointType
     run_id: str
@@ -95,9 +131,15 @@ class Manifest:
 
     @property
     def size_bytes(self) -> int:
+        """Total size of the listed files (the manifest itself not included)."""
         return sum(f.size for f in self.files.values())
 
     def to_json(self) -> bytes:
+        """The ``checkpoint.json`` document.
+
+        Returns:
+            UTF-8 JSON with ``format`` and ``format_version`` first and times as ISO-8601 UTC.
+        """
         data = dataclasses.asdict(self)
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
@@ -107,7 +149,20 @@ class Manifest:
 
     @classmethod
     def from_json(cls, raw: bytes, source: str) -> Manifest:
-        """Parse and validate a manifest; ``source`` names it in errors."""
+        """Parse and validate a manifest; ``source`` names it in errors.
+
+        Args:
+            raw: the bytes of ``checkpoint.json``.
+            source: the manifest's URI, for error messages.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            CheckpointFormatError: ``raw`` is not strict JSON, is too large, is of another format or a newer
+                format version, has unknown or missing keys or a value of the wrong type, or lists other files
+                than its checkpoint type holds.
+        """
 
         def bad(why: str) -> CheckpointFormatError:
             return CheckpointFormatError(f"Invalid checkpoint manifest {source}: {why}")
@@ -168,6 +223,14 @@ _MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fiel
 
 
 def sha256_hex(data: bytes) -> str:
+    """The sha256 of ``data``, as a manifest lists it.
+
+    Args:
+        data: the bytes to hash.
+
+    Returns:
+        64 lowercase hex digits.
+    """
     return hashlib.sha256(data).hexdigest()
 
 

@@ -26,7 +26,19 @@ from .tensor_files import load_tensors, safetensors_file
 
 @dataclasses.dataclass
 class CheckpointPayload:
-    """The adapter, its PEFT config, the base it needs and (training checkpoints) the encoded training state."""
+    """The adapter, its PEFT config, the base it needs and (training checkpoints) the encoded training state.
+
+    Attributes:
+        checkpoint_type: ``"training"`` or ``"sampler"``.
+        adapter: the adapter tensors under PEFT's key names.
+        adapter_config: the PEFT config, as ``adapter_config.json`` holds it.
+        base_model: the frozen base the adapter needs.
+        user_metadata: free-form JSON metadata for the manifest.
+        step: the global step.
+        epoch: the epoch.
+        state_tree: the encoded training state's JSON tree (``training_state.json``), or None.
+        state_tensors: its tensors by name (``training_state.safetensors``).
+    """
 
     checkpoint_type: CheckpointType
     adapter: dict[str, torch.Tensor]
@@ -46,6 +58,9 @@ class CheckpointPayload:
     def set_state(self, state: Any) -> None:
         """Encode ``state`` (the training state, tensors kept by reference) into this payload.
 
+        Args:
+            state: the training state (optimizer, loops, schedulers, callbacks, RNG, ...).
+
         Raises:
             StateEncodingError: naming the key of a value that cannot be stored without pickle.
         """
@@ -53,6 +68,12 @@ class CheckpointPayload:
 
     def state(self, source: str) -> dict[str, Any]:
         """The decoded training state (``{}`` if the payload holds none).
+
+        Args:
+            source: the checkpoint's URI, for error messages.
+
+        Returns:
+            The training state, with its original Python types.
 
         Raises:
             CheckpointFormatError: naming ``source`` and the key path of malformed state.
@@ -62,12 +83,20 @@ class CheckpointPayload:
         return decode_state(self.state_tree, self.state_tensors, f"{source}/{STATE_JSON}")
 
     def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every tensor (adapter and state) by ``fn(tensor)``, e.g. a CPU copy."""
+        """Replace every tensor (adapter and state) by ``fn(tensor)``, e.g. a CPU copy.
+
+        Args:
+            fn: maps each tensor to its replacement.
+        """
         self.adapter = {k: fn(v) for k, v in self.adapter.items()}
         self.state_tensors = {k: fn(v) for k, v in self.state_tensors.items()}
 
     def to_files(self) -> dict[str, FileContent]:
-        """The file contents in the order of ``manifest.FILES``; tensor files are serialised only when written."""
+        """The file contents in the order of ``manifest.FILES``; tensor files are serialised only when written.
+
+        Returns:
+            The contents of the checkpoint type's files (the manifest not included), by file name.
+        """
         files = encode_adapter(self.adapter, self.adapter_config)
         if self.checkpoint_type == "training":
             files[STATE_TENSORS] = safetensors_file(self.state_tensors)
@@ -77,6 +106,14 @@ class CheckpointPayload:
     @classmethod
     def from_files(cls, manifest: Manifest, files: dict[str, bytes], source: str) -> CheckpointPayload:
         """Rebuild a payload from verified file contents (the state only if its files are among them).
+
+        Args:
+            manifest: the checkpoint's manifest.
+            files: verified file contents by name: the adapter's two files, optionally the two state files.
+            source: the checkpoint's URI, for error messages.
+
+        Returns:
+            The payload; its state stays encoded until :meth:`state` is called.
 
         Raises:
             CheckpointFormatError: naming ``source``, if a file is malformed or the files do not belong together.

@@ -16,7 +16,22 @@ RUN_FILE = "run.json"
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """One committed checkpoint, as listed by :class:`~lightning_lora_ckpt.CheckpointStore`."""
+    """One committed checkpoint, as listed by :class:`~lightning_lora_ckpt.CheckpointStore`.
+
+    Attributes:
+        checkpoint_id: ``weights/<name>`` (training) or ``sampler_weights/<name>`` (sampler).
+        checkpoint_type: ``"training"`` or ``"sampler"``.
+        time: when it was saved (UTC).
+        path: the full URI of the checkpoint directory.
+        size_bytes: total size of its files (the manifest not included).
+        public: whether it is published (never deleted by ``gc`` or bucket lifecycle rules).
+        expires_at: when ``gc`` may delete it (UTC), or None if it never expires.
+        step: the global step it was saved at.
+        base_model: the name or path of the base model it was trained on.
+        lora_rank: the adapter's LoRA rank ``r``.
+        run_id: the run it belongs to.
+        user_metadata: free-form JSON metadata stored in its manifest.
+    """
 
     checkpoint_id: str
     checkpoint_type: CheckpointType
@@ -33,6 +48,15 @@ class Checkpoint:
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, path: str) -> Checkpoint:
+        """The record of a checkpoint from its manifest.
+
+        Args:
+            manifest: the checkpoint's validated manifest.
+            path: the checkpoint directory's URI.
+
+        Returns:
+            The record.
+        """
         return cls(
             checkpoint_id=f"{TYPE_DIRS[manifest.checkpoint_type]}/{manifest.name}",
             checkpoint_type=manifest.checkpoint_type,
@@ -49,7 +73,11 @@ class Checkpoint:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (times as ISO-8601 UTC)."""
+        """JSON-ready form (times as ISO-8601 UTC).
+
+        Returns:
+            The fields as a dict; ``time`` and ``expires_at`` as strings (``expires_at`` None if unset).
+        """
         data = dataclasses.asdict(self)
         data["time"] = iso_time(self.time)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
@@ -58,7 +86,20 @@ class Checkpoint:
 
 @dataclasses.dataclass(frozen=True)
 class TrainingRun:
-    """A run: the base and LoRA config its checkpoints share, and its newest checkpoints."""
+    """A run: the base and LoRA config its checkpoints share, and its newest checkpoints.
+
+    Attributes:
+        run_id: the run's id (its folder under the root).
+        base_model: the name or path of the base model.
+        base_model_fingerprint: the sha256 of the base's architecture config.
+        lora_rank: the LoRA rank ``r``.
+        lora_config: the PEFT LoRA config, as a dict.
+        created_at: when the run was created (UTC).
+        user_metadata: free-form JSON metadata.
+        last_checkpoint: the newest training checkpoint (filled in by
+            :meth:`~lightning_lora_ckpt.CheckpointStore.get_run`), or None.
+        last_sampler_checkpoint: the newest sampler checkpoint (likewise), or None.
+    """
 
     run_id: str
     base_model: str
@@ -71,7 +112,11 @@ class TrainingRun:
     last_sampler_checkpoint: Checkpoint | None = None
 
     def to_json(self) -> bytes:
-        """The ``run.json`` document (the last-checkpoint fields are derived from listings, not stored)."""
+        """The ``run.json`` document (the last-checkpoint fields are derived from listings, not stored).
+
+        Returns:
+            The JSON document's bytes (sorted keys, ``created_at`` as ISO-8601 UTC).
+        """
         data = {
             "run_id": self.run_id,
             "base_model": self.base_model,
@@ -85,6 +130,18 @@ class TrainingRun:
 
     @classmethod
     def from_json(cls, raw: bytes, source: str) -> TrainingRun:
+        """Parse a ``run.json`` document (the last-checkpoint fields are left None).
+
+        Args:
+            raw: the document's bytes.
+            source: its URI, for the error message.
+
+        Returns:
+            The run.
+
+        Raises:
+            ValueError: ``raw`` is not JSON, lacks a required key or holds a value of the wrong type.
+        """
         try:
             data = json.loads(raw)
             return cls(

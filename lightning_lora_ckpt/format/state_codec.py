@@ -24,7 +24,10 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isi
 
 
 class StateEncodingError(TypeError):
-    """A value in the checkpoint cannot be stored without pickle."""
+    """A value in the checkpoint cannot be stored without pickle.
+
+    A ``TypeError``; the message names the key path of the value.
+    """
 
 
 def _tagged(kind: str, value: Any) -> dict[str, Any]:
@@ -34,7 +37,18 @@ def _tagged(kind: str, value: Any) -> dict[str, Any]:
 def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """Encode ``obj`` into (JSON-serialisable tree, tensors by name); the tensors are ``obj``'s own.
 
-    Raises :class:`StateEncodingError` naming the key path of a value that is not supported.
+    Supported: None, bools, ints, strings, floats (also NaN/±inf), tensors, numpy arrays (not of object
+    dtype) and scalars, lists, tuples, dicts (keys of these types), bytes, torch dtypes and paths
+    (docs/format.md).
+
+    Args:
+        obj: the state to encode, e.g. Lightning's checkpoint dict without ``state_dict``.
+
+    Returns:
+        The JSON-serialisable tree (tensors replaced by references to their names) and the tensors by name.
+
+    Raises:
+        StateEncodingError: naming the key path of a value that is not supported.
     """
     tensors: dict[str, torch.Tensor] = {}
 
@@ -84,8 +98,19 @@ def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
 def decode_state(tree: Any, tensors: dict[str, torch.Tensor], source: str = "training state") -> Any:
     """Invert :func:`encode_state`.
 
-    Raises :class:`CheckpointFormatError` (a ``ValueError``) naming ``source`` and the key path of
-    malformed or inconsistent input; nothing in ``tree`` is ever executed or imported.
+    Nothing in ``tree`` is ever executed or imported.
+
+    Args:
+        tree: the JSON tree of ``training_state.json``.
+        tensors: the tensors of ``training_state.safetensors``, by name.
+        source: what the state is, for error messages.
+
+    Returns:
+        The state, with the original Python types (tuples, non-string dict keys, ndarrays, ...) restored.
+
+    Raises:
+        CheckpointFormatError: naming ``source`` and the key path of malformed or inconsistent input (an
+            unknown tag, a reference to a missing tensor, bad base64, an unknown dtype, nesting too deep).
     """
 
     def bad(path: str, why: str) -> CheckpointFormatError:

@@ -13,14 +13,29 @@ from typing import Any
 
 
 class CheckpointFormatError(ValueError):
-    """A checkpoint directory is missing, incomplete, tampered with or not in this format."""
+    """A checkpoint directory is missing, incomplete, tampered with or not in this format.
+
+    A ``ValueError``: code catching ``ValueError`` for bad input also catches it.
+    """
 
 
 def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
     """Parse ``raw`` as a strict JSON object, refusing more than ``limit`` bytes before parsing.
 
     ``NaN``/``Infinity`` (not JSON; never written here) and duplicate keys (which other readers may
-    resolve differently) are refused. Raises :class:`CheckpointFormatError` starting with ``source``.
+    resolve differently) are refused.
+
+    Args:
+        raw: the document's bytes.
+        limit: the most bytes accepted.
+        source: what the document is, at the start of error messages.
+
+    Returns:
+        The parsed object.
+
+    Raises:
+        CheckpointFormatError: starting with ``source``: ``raw`` is larger than ``limit``, is not strict JSON
+            or does not hold an object.
     """
     if len(raw) > limit:
         raise CheckpointFormatError(f"{source}: larger than {limit} bytes, far more than a valid one; refusing it")
@@ -46,15 +61,39 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def utcnow() -> datetime:
+    """The current time.
+
+    Returns:
+        An aware datetime in UTC.
+    """
     return datetime.now(timezone.utc)
 
 
 def iso_time(t: datetime) -> str:
+    """``t`` as the ISO-8601 UTC string checkpoint JSON holds.
+
+    Args:
+        t: an aware datetime (a naive one is taken as local time, as ``astimezone`` does).
+
+    Returns:
+        E.g. ``"2026-11-22T15:50:53.676870Z"``.
+    """
     return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def parse_time(value: Any) -> datetime:
-    """An ISO-8601 time as an aware UTC datetime (naive times are taken as UTC)."""
+    """An ISO-8601 time as an aware UTC datetime (naive times are taken as UTC).
+
+    Args:
+        value: an ISO-8601 string; a trailing ``Z`` is accepted.
+
+    Returns:
+        The time, in UTC.
+
+    Raises:
+        TypeError: ``value`` is not a string.
+        ValueError: ``value`` is not an ISO-8601 time.
+    """
     if type(value) is not str:
         raise TypeError(f"expected an ISO-8601 time string, got {str(value)[:100]!r}")
     t = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -23,7 +23,14 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*")
 def parse_duration(value: str | float | int | None) -> float | None:
     """Seconds from ``3600``, ``"90s"``, ``"30m"``, ``"2h"``, ``"7d"`` or ``"1w"``; None stays None.
 
-    Raises ``ValueError`` for anything else and for durations that are not positive.
+    Args:
+        value: seconds (a number), a number with a unit (``s``, ``m``, ``h``, ``d``, ``w``), or None.
+
+    Returns:
+        The duration in seconds, or None.
+
+    Raises:
+        ValueError: ``value`` is none of these (a bool included), or is not positive.
     """
     if value is None:
         return None
@@ -42,7 +49,17 @@ def parse_duration(value: str | float | int | None) -> float | None:
 
 
 def lifecycle_tag(created_at: datetime, expires_at: datetime | None, public: bool) -> str:
-    """The ``lora-ckpt-ttl`` tag value for a checkpoint."""
+    """The ``lora-ckpt-ttl`` tag value for a checkpoint.
+
+    Args:
+        created_at: when the checkpoint was saved.
+        expires_at: when it expires, or None.
+        public: whether it is published.
+
+    Returns:
+        The smallest of ``1d``, ``7d``, ``30d`` and ``90d`` that covers its lifetime, or ``none`` if it never
+        expires, is public or lives longer than 90 days.
+    """
     if expires_at is None or public:
         return NO_EXPIRY
     days = (expires_at - created_at).total_seconds() / 86400

@@ -6,12 +6,10 @@ import time
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from ..format.layout import CheckpointType
-from ..format.manifest import MANIFEST
 from ..format.ttl import parse_duration
 from ..storage.store import CheckpointStore
 from .checkpoint_io import LoRACheckpointIO
@@ -75,7 +73,7 @@ class CheckpointTTL(Callback):
         self._gc(trainer)
 
 
-class PeriodicCheckpoint(ModelCheckpoint):
+class PeriodicCheckpoint(Callback):
     """The three cadences of a training loop, written through ``LoRACheckpointIO``.
 
     - *periodic*: every ``every_n_train_steps`` optimizer steps and/or ``every_n_seconds`` (decided on
@@ -86,8 +84,9 @@ class PeriodicCheckpoint(ModelCheckpoint):
     - *final*: ``final`` (of ``kind``) when fit ends.
 
     TTLs come from a ``CheckpointTTL`` callback if the trainer has one. A name that already exists (a
-    step replayed after a resume) is replaced. It is a ``ModelCheckpoint`` so that
-    ``trainer.fit(model, ckpt_path="last")`` resumes from the run's newest committed training checkpoint.
+    step replayed after a resume) is replaced. ``trainer.fit(model, ckpt_path="last")`` resumes from the run's
+    newest committed training checkpoint (whichever callback wrote it). It works beside Lightning's
+    ``ModelCheckpoint`` (``enable_checkpointing`` on or off).
     """
 
     def __init__(
@@ -99,7 +98,6 @@ class PeriodicCheckpoint(ModelCheckpoint):
         keep_last: int | None = None,
         save_final: bool = True,
     ) -> None:
-        super().__init__(save_top_k=0)
         if kind not in _TYPES:
             raise ValueError(f"kind must be one of {sorted(_TYPES)}, got {kind!r}")
         for name, value in (
@@ -186,15 +184,6 @@ class PeriodicCheckpoint(ModelCheckpoint):
             while len(names) > self.keep_last:
                 trainer.strategy.remove_checkpoint(io.resolve(names.pop(0), checkpoint_type))
 
-    # -- resume -----------------------------------------------------------------------------------
-    def _find_last_checkpoints(self, trainer: Trainer) -> set[str]:
-        """Lightning's ``ckpt_path="last"`` lookup: the manifest of the run's newest training checkpoint."""
-        io = checkpoint_io(trainer)
-        if io.run_id is None:
-            return set()
-        last = CheckpointStore(io.root, io.storage_options).last_checkpoint(io.run_id, "training")
-        return {f"{last.path}/{MANIFEST}"} if last else set()
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"saved": {t: list(v) for t, v in self.saved.items()}, "rolling": self.rolling}
@@ -203,16 +192,3 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = {t: list(v) for t, v in state_dict["saved"].items()}
         self.rolling = state_dict.get("rolling")
-
-    # ModelCheckpoint's own saving is not used.
-    @override
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        return
-
-    @override
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        return
-
-    @override
-    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        return

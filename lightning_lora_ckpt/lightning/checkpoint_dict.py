@@ -26,7 +26,13 @@ from ..format.manifest import BaseModelRef
 from ..format.payload import CheckpointPayload
 from ..format.strict_json import CheckpointFormatError
 from ..format.version import __version__
-from ..modeling.peft_adapter import adapter_config_of, adapter_parameter_names, check_adapter_tensors, check_same_lora
+from ..modeling.peft_adapter import (
+    adapter_config_of,
+    adapter_parameter_names,
+    base_reference,
+    check_adapter_tensors,
+    check_same_lora,
+)
 from ..storage.loading import OpenedCheckpoint
 
 LORA_KEY = "lora_ckpt"
@@ -58,18 +64,21 @@ def payload_from_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False
         lora = rest.pop(LORA_KEY)
     except KeyError:
         raise ValueError(
-            f"The checkpoint has no {LORA_KEY!r} entry: LoRACheckpointIO saves LoRAModule checkpoints; "
-            "use lightning_lora_ckpt.LoRAModule as the LightningModule"
+            f"The checkpoint has no {LORA_KEY!r} entry: the LoRA adapter was not bound. With a Trainer, "
+            "lightning-lora-ckpt must be installed (its callback binds the adapter of your LightningModule); "
+            "with Fabric, call checkpoint_io.bind(model) once after fabric.setup(...)"
         ) from None
     adapter = rest.pop("state_dict")
-    checkpoint_type: CheckpointType = "training" if "optimizer_states" in rest else "sampler"
+    checkpoint_type: CheckpointType = lora.get("checkpoint_type") or (
+        "training" if "optimizer_states" in rest else "sampler"
+    )
     payload = CheckpointPayload(
         checkpoint_type=checkpoint_type,
         adapter={k: v.detach() for k, v in adapter.items()} if defer_copy else _on_cpu(adapter),
         adapter_config=lora["adapter_config"],
         base_model=BaseModelRef(**lora["base_model"]),
         user_metadata=dict(lora.get("user_metadata") or {}),
-        step=int(rest.get("global_step", 0)),
+        step=_step(rest),
         epoch=int(rest.get("epoch", 0)),
     )
     if checkpoint_type == "training":
@@ -77,6 +86,12 @@ def payload_from_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False
         if not defer_copy:
             payload.state_tensors = _on_cpu(payload.state_tensors)
     return payload
+
+
+def _step(state: dict[str, Any]) -> int:
+    """The step a checkpoint is recorded at: Lightning's ``global_step``, else a Fabric state's integer ``step``."""
+    step = state.get("global_step", state.get("step", 0))
+    return step if type(step) is int and step >= 0 else 0
 
 
 def checkpoint_from_opened(opened: OpenedCheckpoint) -> dict[str, Any]:
@@ -154,11 +169,56 @@ class AdapterBinding:
         self.keys = adapter_parameter_names(model, prefix)
         self.shapes = {key: tuple(module.get_parameter(name).shape) for key, name in self.keys.items()}
 
+    @classmethod
+    def of_module(cls, module: torch.nn.Module) -> AdapterBinding:
+        """Bind the one PEFT LoRA adapter found among ``module``'s submodules (or ``module`` itself).
+
+        The base reference is the adapter's ``base_model_name_or_path`` and the fingerprint of the base's
+        config; sampler checkpoints store the adapter at the base's floating dtype.
+
+        Raises:
+            ValueError: with the fix, if ``module`` holds no PEFT model, several, several adapters, or an
+                adapter the plugin cannot save (not LoRA, ``modules_to_save``, trainable tokens).
+        """
+        found = [(name, m) for name, m in module.named_modules() if isinstance(m, PeftModel)]
+        what = type(module).__name__
+        if not found:
+            raise ValueError(
+                f"{what} holds no peft.PeftModel: LoRACheckpointIO saves LoRA adapters. Wrap your model with "
+                "peft.get_peft_model(model, LoraConfig(...)) (or use lightning_lora_ckpt.LoRAModule), or remove "
+                "LoRACheckpointIO from the Trainer's plugins"
+            )
+        if len(found) > 1:
+            names = [name or "<the module itself>" for name, _ in found]
+            raise ValueError(
+                f"{what} holds {len(found)} PEFT models ({names[:5]}); a LoRACheckpointIO checkpoint holds one "
+                "adapter: keep one PeftModel in the LightningModule"
+            )
+        model = found[0][1]
+        if len(model.peft_config) != 1:
+            raise ValueError(
+                f"The PEFT model of {what} has adapters {sorted(model.peft_config)}; a LoRACheckpointIO checkpoint "
+                "holds one adapter: delete the others (model.delete_adapter(name)) before fit"
+            )
+        config = model.peft_config[model.active_adapter]
+        if getattr(config.peft_type, "value", config.peft_type) != "LORA":
+            raise ValueError(f"The adapter of {what} is {config.peft_type}, not LoRA; LoRACheckpointIO saves LoRA")
+        for option in ("modules_to_save", "trainable_token_indices"):
+            if getattr(config, option, None):
+                raise ValueError(
+                    f"The LoRA adapter of {what} sets {option}={getattr(config, option)!r}: fully trained module "
+                    "copies are not part of a LoRA checkpoint. Add those modules to target_modules instead"
+                )
+        base = model.get_base_model()
+        name = config.base_model_name_or_path or getattr(base.config, "_name_or_path", "") or "unknown"
+        dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
+        return cls(module, model, base_reference(base, name, _quantization(base)), None, dtype)
+
     def adapter_config(self) -> dict[str, Any]:
         """The adapter's ``adapter_config.json``."""
         return adapter_config_of(self.model)
 
-    def to_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def to_checkpoint(self, checkpoint: dict[str, Any], checkpoint_type: CheckpointType | None = None) -> None:
         """Replace the gathered ``state_dict`` by the adapter under PEFT's key names and add the ``lora_ckpt``
         entry and the RNG states (for an exact resume).
 
@@ -167,31 +227,35 @@ class AdapterBinding:
         """
         gathered = checkpoint["state_dict"]
         adapter = {p: gathered[m] for p, m in self.keys.items() if m in gathered}
-        if "optimizer_states" not in checkpoint and self.sampler_dtype is not None:  # sampler: serving precision
+        checkpoint_type = checkpoint_type or ("training" if "optimizer_states" in checkpoint else "sampler")
+        if checkpoint_type == "sampler" and self.sampler_dtype is not None:  # sampler: serving precision
             adapter = {k: v.to(self.sampler_dtype) for k, v in adapter.items()}
         checkpoint["state_dict"] = adapter
         checkpoint[LORA_KEY] = {
             "adapter_config": self.adapter_config(),
             "base_model": dataclasses.asdict(self.base_model),
             "user_metadata": self.user_metadata,
+            "checkpoint_type": checkpoint_type,
         }
         checkpoint["rng_states"] = _collect_rng_states()
 
-    def from_checkpoint(self, checkpoint: dict[str, Any], module: torch.nn.Module, strategy_model: Any) -> None:
-        """Load the adapter of a checkpoint dict written by :meth:`to_checkpoint` into ``module``, restore the
-        RNG states, and empty ``state_dict`` (nothing is left for Lightning's own strict loading).
+    def check(self, adapter: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
+        """Refuse an adapter of another base, LoRA config or tensor set than this binding's.
 
         Raises:
-            ValueError: the dict has no adapter entry, or one of another base, LoRA config or tensor set.
+            ValueError: naming what differs.
         """
-        lora = checkpoint.get(LORA_KEY)
-        if lora is None:
-            raise ValueError(
-                "This checkpoint was not written by LoRACheckpointIO (no 'lora_ckpt' entry); add "
-                "plugins=[LoRACheckpointIO(...)] to the Trainer that loads it"
-            )
-        self.load(checkpoint["state_dict"], lora, module, strategy_model)
-        checkpoint["state_dict"] = {}
+        source = lora.get("source", "the checkpoint")
+        BaseModelRef(**lora["base_model"]).check_compatible(self.base_model, source)
+        check_same_lora(self.adapter_config(), lora["adapter_config"], source)
+        check_adapter_tensors(self.shapes, adapter, source)
+
+    def module_state(self, adapter: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The adapter tensors under the bound module's parameter names."""
+        return {self.keys[k]: adapter[k] for k in self.keys}
+
+    def restore_rng(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the RNG states :meth:`to_checkpoint` recorded (exact resume of dropout and sampling)."""
         if "rng_states" in checkpoint:
             _set_rng_states(checkpoint["rng_states"])
 
@@ -203,11 +267,8 @@ class AdapterBinding:
         Plain and DDP parameters get a copy each; sharded ones (FSDP1, FSDP2) are loaded through torch's
         distributed state-dict API, which scatters the full tensors.
         """
-        source = lora.get("source", "the checkpoint")
-        BaseModelRef(**lora["base_model"]).check_compatible(self.base_model, source)
-        check_same_lora(self.adapter_config(), lora["adapter_config"], source)
-        check_adapter_tensors(self.shapes, adapter, source)
-        by_module_key: dict[str, Any] = {self.keys[k]: adapter[k] for k in self.keys}
+        self.check(adapter, lora)
+        by_module_key = self.module_state(adapter)
         if isinstance(strategy_model, FullyShardedDataParallel):  # FSDP1: addressed through its root wrapper
             root: torch.nn.Module = strategy_model
         else:
@@ -219,3 +280,16 @@ class AdapterBinding:
                 return
             root = module
         set_model_state_dict(root, by_module_key, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def _quantization(base: torch.nn.Module) -> str | None:
+    """How a base was quantized with bitsandbytes (``"nf4"``, ``"fp4"``, ``"int8"``), from its HF config."""
+    config = getattr(getattr(base, "config", None), "quantization_config", None)
+    if config is None:
+        return None
+    settings = config if isinstance(config, dict) else config.to_dict()
+    if settings.get("load_in_8bit"):
+        return "int8"
+    if settings.get("load_in_4bit"):
+        return str(settings.get("bnb_4bit_quant_type") or "nf4")
+    return None

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
@@ -24,14 +25,19 @@ from ..storage.commit import commit_checkpoint, delete_checkpoint, write_if_abse
 from ..storage.fs import CheckpointWriteError, storage_errors, url_to_fs
 from ..storage.loading import open_checkpoint
 from .async_io import AsyncSaves
-from .checkpoint_dict import checkpoint_from_opened, payload_from_checkpoint, versions
+from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened, payload_from_checkpoint, versions
+from .fabric_support import from_fabric, is_fabric_state, to_fabric
+from .resume import install_last_checkpoint_lookup
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "warn"]
+#: The file suffix of Lightning's checkpoint names, dropped from checkpoint directory names.
+CKPT_SUFFIX = ".ckpt"
 
 
 class LoRACheckpointIO(CheckpointIO):
-    """Writes LoRA checkpoints in the layout of DESIGN.md to any fsspec URI, pickle-free and atomically.
+    """Lightning's checkpoint plugin for LoRA: sampler and training checkpoints in the layout of docs/format.md,
+    on any fsspec URI, pickle-free and atomically, for any LightningModule holding a PEFT LoRA adapter.
 
     Args:
         root: where bare checkpoint names and ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
@@ -49,7 +55,13 @@ class LoRACheckpointIO(CheckpointIO):
             after a failed save (a rolling or ``keep_last`` one) is skipped, so older ones stay.
 
     ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
-    "overwrite": True}``; without ``overwrite`` saving over a committed checkpoint is an error.
+    "overwrite": ...}``. Saving to an existing name replaces it atomically, as Lightning does, except a
+    published checkpoint (an error naming it); ``overwrite=False`` refuses to replace anything.
+
+    Paths: a bare name goes under ``root/run_id/weights/`` (or ``sampler_weights/``); a path ending in
+    ``.ckpt`` (Lightning's ``ModelCheckpoint`` file names) is the checkpoint directory without the suffix,
+    and a ``last.ckpt`` link (``save_last="link"``) loads the checkpoint it points to. With Fabric, call
+    :meth:`bind` once with the model.
     """
 
     def __init__(
@@ -69,6 +81,12 @@ class LoRACheckpointIO(CheckpointIO):
         self.on_error = on_error
         self._async = AsyncSaves(self._run) if async_save else None
         self._write_failed = False
+        #: The adapter saves pick out (bound by the plugin's callback at setup, or by :meth:`bind` for Fabric).
+        self.adapter_binding: AdapterBinding | None = None
+        #: The module loads restore into, while a Trainer runs (or for Fabric); loads give it its parameter names.
+        self.bound_module: torch.nn.Module | None = None
+        self._fabric_key: str | None = None
+        install_last_checkpoint_lookup(LoRACheckpointIO)
 
     # -- naming -----------------------------------------------------------------------------------
     def ensure_run_id(self) -> str:
@@ -77,16 +95,42 @@ class LoRACheckpointIO(CheckpointIO):
             self.run_id = f"run-{utcnow():%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
         return self.run_id
 
+    def bind(self, model: torch.nn.Module, key: str = "model") -> None:
+        """Fabric: bind the module whose PEFT adapter ``fabric.save`` / ``fabric.load`` store and restore.
+
+        Call it once, e.g. after ``model, optimizer = fabric.setup(model, optimizer)``.
+
+        Args:
+            model: the module (or Fabric's wrapper of it) holding the PEFT LoRA model.
+            key: the entry of the Fabric state that holds it (``fabric.save(path, {"model": model, ...})``).
+
+        Raises:
+            ValueError: ``model`` holds no single PEFT LoRA adapter the plugin can save, with the fix.
+        """
+        module = getattr(model, "module", model)  # Fabric's wrapper holds the user's module
+        existing = getattr(module, "adapter_binding", None)
+        self.adapter_binding = existing if isinstance(existing, AdapterBinding) else AdapterBinding.of_module(module)
+        self.bound_module = module
+        self._fabric_key = key
+
     def resolve(self, path: _PATH, checkpoint_type: CheckpointType) -> str:
-        """The URI a save of ``checkpoint_type`` to ``path`` writes: bare names go under ``root/run_id/<kind>/``."""
-        text = os.fspath(path)
+        """The URI a save of ``checkpoint_type`` to ``path`` writes: bare names go under ``root/run_id/<kind>/``.
+
+        A ``.ckpt`` suffix (Lightning's file names) is dropped: ``<dir>/epoch=0-step=3.ckpt`` is the
+        checkpoint ``<dir>/epoch=0-step=3``.
+        """
+        text = os.fspath(path).removesuffix(CKPT_SUFFIX)
         if "/" not in text and os.sep not in text and "://" not in text:
             return layout.checkpoint_uri(self.root, self.ensure_run_id(), checkpoint_type, text)
         uri = layout.resolve(text, self.root)
         return uri if "://" in uri else os.path.abspath(uri)
 
     def resolve_existing(self, path: _PATH) -> str:
-        """The URI of an existing checkpoint: a bare name is looked up under ``weights/``, then ``sampler_weights/``."""
+        """The URI of an existing checkpoint: a bare name is looked up under ``weights/``, then ``sampler_weights/``;
+        a local ``.ckpt`` link (``ModelCheckpoint(save_last="link")``) leads to the checkpoint it names."""
+        text = os.fspath(path)
+        if text.endswith(CKPT_SUFFIX) and os.path.islink(text):
+            path = os.path.join(os.path.dirname(text), os.readlink(text))
         candidates = [self.resolve(path, t) for t in ("training", "sampler")]
         if candidates[0] == candidates[1]:  # a full URI: nothing to look up
             return candidates[0]
@@ -103,12 +147,18 @@ class LoRACheckpointIO(CheckpointIO):
 
         Raises:
             ValueError: bad ``storage_options``, a name that is not valid, or a folder of the other type.
-            FileExistsError: a checkpoint is committed at ``path`` and ``overwrite`` was not given.
+            FileExistsError: a checkpoint is committed at ``path`` and ``overwrite=False``.
+            CheckpointConflictError: the checkpoint at ``path`` is published (never replaced).
             CheckpointWriteError: the storage kept failing (synchronous saves, ``on_error="raise"``).
         """
         if self._async is not None:
             self._async.raise_failed()
         ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
+        if self.adapter_binding is not None and LORA_KEY not in checkpoint:
+            if self._fabric_key is not None and is_fabric_state(checkpoint):
+                checkpoint = from_fabric(checkpoint, self.adapter_binding, self._fabric_key)
+            else:  # Lightning's dict (weights_only saves call no callback hook: the adapter is picked out here)
+                self.adapter_binding.to_checkpoint(checkpoint)
         payload = payload_from_checkpoint(checkpoint, defer_copy=self._async is not None)
         uri = self.resolve(path, payload.checkpoint_type)
         checkpoint_layout = layout.split_checkpoint_uri(uri)
@@ -116,10 +166,7 @@ class LoRACheckpointIO(CheckpointIO):
             try:
                 layout.validate_name(uri.rsplit("/", 1)[-1], "checkpoint name")
             except ValueError as err:
-                raise ValueError(
-                    f"{err}. Lightning's ModelCheckpoint file names (e.g. 'epoch=0-step=10.ckpt') do not fit; "
-                    "save with lightning_lora_ckpt.PeriodicCheckpoint instead"
-                ) from None
+                raise ValueError(f"{err}; the checkpoint is the directory {uri}") from None
         if checkpoint_layout and checkpoint_layout[2] != payload.checkpoint_type:
             raise ValueError(
                 f"Cannot save a {payload.checkpoint_type} checkpoint at {uri}: that folder is for "
@@ -146,7 +193,17 @@ class LoRACheckpointIO(CheckpointIO):
         """
         self.wait()
         opened = open_checkpoint(self.resolve_existing(path), storage_options=self.storage_options, with_state=None)
-        return checkpoint_from_opened(opened)
+        checkpoint = checkpoint_from_opened(opened)
+        binding, module = self.adapter_binding, self.bound_module
+        if binding is None or module is None:
+            return checkpoint
+        if self._fabric_key is not None:
+            return to_fabric(checkpoint, binding, module, self._fabric_key)
+        # A Trainer restores from this dict: the adapter under the bound module's parameter names, checked here
+        # (the module loads it non-strictly: the frozen base is not in a checkpoint).
+        binding.check(checkpoint["state_dict"], checkpoint[LORA_KEY])
+        checkpoint["state_dict"] = binding.module_state(checkpoint["state_dict"])
+        return checkpoint
 
     @override
     def remove_checkpoint(self, path: _PATH) -> None:
@@ -155,6 +212,11 @@ class LoRACheckpointIO(CheckpointIO):
         If the save queued last before it failed, the deletion is skipped: the checkpoint it would
         replace stays.
         """
+
+        text = os.fspath(path)
+        if text.endswith(CKPT_SUFFIX) and os.path.islink(text):  # a save_last="link" link: only the link goes
+            os.remove(text)
+            return
 
         def delete() -> None:
             if self._write_failed:
@@ -209,7 +271,9 @@ class LoRACheckpointIO(CheckpointIO):
             self._write_failed = False
         return result
 
-    def _commit(self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool) -> Manifest:
+    def _commit(
+        self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool | None
+    ) -> Manifest:
         created = utcnow()
         checkpoint_layout = layout.split_checkpoint_uri(uri)
         if checkpoint_layout:
@@ -244,14 +308,18 @@ class LoRACheckpointIO(CheckpointIO):
                 versions=versions(),
             )
 
-        return commit_checkpoint(uri, payload.to_files(), make_manifest, self.storage_options, replace=overwrite)
+        return commit_checkpoint(
+            uri, payload.to_files(), make_manifest, self.storage_options, replace=overwrite is not False
+        )
 
 
-def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any], bool]:
+def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any], bool | None]:
     options = dict(options or {})
     ttl = options.pop("ttl_seconds", None)
     metadata = options.pop("user_metadata", None) or {}
-    overwrite = bool(options.pop("overwrite", False))
+    overwrite = options.pop("overwrite", None)
+    if overwrite is not None and not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite must be True, False or None, got {overwrite!r}")
     if options:
         raise ValueError(
             f"Unknown storage_options {sorted(options)} for LoRACheckpointIO.save_checkpoint; "

@@ -112,11 +112,7 @@ class LoRAModule(LightningModule):
             revision=revision,
         )
         self.model: PeftModel = new_peft_model(base, lora_config, base_model, seed)
-        self.adapter_binding = AdapterBinding(
-            self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype
-        )
-        # The checkpoint's state_dict holds only the adapter; on_load_checkpoint loads and checks it.
-        self.strict_loading = False
+        self.adapter_binding = AdapterBinding(self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype)
         self._restore_optimizer_from: dict[str, Any] | None = None
 
     @property
@@ -200,14 +196,6 @@ class LoRAModule(LightningModule):
         """The adapter tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
         return adapter_state_dict(self.model)
 
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.adapter_binding.to_checkpoint(checkpoint)
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.adapter_binding.from_checkpoint(checkpoint, self, self._strategy_model())
-
     def load_adapter(self, state_dict: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
         """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set.
 
@@ -251,6 +239,24 @@ class LoRAModule(LightningModule):
         snapshot.requires_grad_(False)
         identity = snapshot_identity(self.adapter_state_dict())
         return SamplingClient(snapshot, self.get_tokenizer(), self.base_model_ref, identity, max_seq_len)
+
+    @classmethod
+    @override
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | os.PathLike[str], map_location: Any = None, **kwargs: Any
+    ) -> LoRAModule:
+        """Lightning's ``load_from_checkpoint`` for this package's checkpoints: :meth:`from_checkpoint`.
+
+        Args:
+            checkpoint_path: a sampler or training checkpoint (any fsspec URI, local path or ``lora://``).
+            map_location: a device to move the module to (it is built on the CPU).
+            **kwargs: :meth:`from_checkpoint`'s arguments (``root``, ``storage_options``, constructor overrides).
+
+        Returns:
+            The module with the checkpoint's adapter, optimizer fresh.
+        """
+        module = cls.from_checkpoint(checkpoint_path, **kwargs)
+        return module.to(map_location) if map_location is not None else module
 
     @classmethod
     def from_checkpoint(

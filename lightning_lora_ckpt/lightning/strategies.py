@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
+    set_model_state_dict,
     set_optimizer_state_dict,
 )
 from torch.optim import Optimizer
@@ -54,7 +55,10 @@ class _AdapterCheckpoints:
         return self.checkpoint_io.load_checkpoint(checkpoint_path)
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        """Nothing to do: ``LoRAModule.on_load_checkpoint`` has loaded the adapter into the shards."""
+        """Scatter the adapter (full tensors under the module's parameter names, as ``LoRACheckpointIO`` gives
+        them) into the sharded parameters; the frozen base is not in the checkpoint."""
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, checkpoint["state_dict"], options=options)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         """The full optimizer state on rank 0, keyed by parameter index as a plain ``optimizer.state_dict()``.

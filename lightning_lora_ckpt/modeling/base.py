@@ -83,11 +83,30 @@ _RUNTIME_CONFIG_KEYS = frozenset(
 
 
 def is_builtin(name_or_path: str) -> bool:
+    """Whether ``name_or_path`` is a built-in base (a key of :data:`BUILTIN_MODELS`).
+
+    Args:
+        name_or_path: a base model's name or path.
+
+    Returns:
+        True for a built-in name.
+    """
     return name_or_path in BUILTIN_MODELS
 
 
 def load_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
-    """The model config of a built-in name, HF id or local directory."""
+    """The model config of a built-in name, HF id or local directory.
+
+    Args:
+        name_or_path: a built-in name, HF id or local HF model directory.
+        revision: the Hub revision (ignored for built-in names).
+
+    Returns:
+        The config; a built-in one has ``_name_or_path`` set to the name.
+
+    Raises:
+        OSError: transformers finds no config for ``name_or_path``.
+    """
     if is_builtin(name_or_path):
         model_type, overrides = BUILTIN_MODELS[name_or_path]
         config = AutoConfig.for_model(model_type, **overrides)
@@ -108,6 +127,20 @@ def load_base_model(
     bitsandbytes, on the CPU; ``dtype`` is then the dtype of the other weights and of the 4-bit matmuls.
     A built-in name quantizes the same weights it gives unquantized, so the quantized base is a
     deterministic function of (name, dtype, quantization).
+
+    Args:
+        name_or_path: a built-in name, HF id or local HF model directory.
+        dtype: ``float32``, ``bfloat16`` or ``float16``, as a torch dtype or its name.
+        revision: the Hub revision (ignored for built-in names).
+        quantization: ``"nf4"``, ``"int8"`` or None (full precision).
+
+    Returns:
+        The causal LM, on the CPU.
+
+    Raises:
+        ValueError: ``dtype`` or ``quantization`` is not supported.
+        ImportError: ``quantization`` is set and bitsandbytes is not installed.
+        OSError: transformers finds no model at ``name_or_path``.
     """
     dtype = float_dtype(dtype, "dtype")
     bnb_config = quantization_config(quantization, dtype)
@@ -142,7 +175,19 @@ FLOAT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 def float_dtype(dtype: str | torch.dtype, argument: str) -> torch.dtype:
-    """``dtype`` (a name or a torch dtype) as one of :data:`FLOAT_DTYPES`; ``ValueError`` naming ``argument`` otherwise."""
+    """``dtype`` (a name or a torch dtype) as one of :data:`FLOAT_DTYPES`; ``ValueError`` naming ``argument``
+    otherwise.
+
+    Args:
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or the torch dtype.
+        argument: the argument's name, for the message.
+
+    Returns:
+        The torch dtype.
+
+    Raises:
+        ValueError: ``dtype`` is another dtype or name.
+    """
     resolved = FLOAT_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if resolved not in FLOAT_DTYPES.values():
         raise ValueError(f"{argument}={dtype!r} is not supported; use one of {sorted(FLOAT_DTYPES)}")
@@ -150,7 +195,19 @@ def float_dtype(dtype: str | torch.dtype, argument: str) -> torch.dtype:
 
 
 def quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAndBytesConfig | None:
-    """The ``BitsAndBytesConfig`` of a ``quantization`` name: QLoRA's nf4 with double quantization, or LLM.int8()."""
+    """The ``BitsAndBytesConfig`` of a ``quantization`` name: QLoRA's nf4 with double quantization, or LLM.int8().
+
+    Args:
+        quantization: ``"nf4"``, ``"int8"`` or None.
+        dtype: the compute dtype of the 4-bit matmuls (nf4 only).
+
+    Returns:
+        The config, or None for None.
+
+    Raises:
+        ValueError: ``quantization`` is another name.
+        ImportError: bitsandbytes is not installed.
+    """
     if quantization is None:
         return None
     if quantization not in QUANTIZATIONS:
@@ -170,7 +227,17 @@ def quantization_config(quantization: str | None, dtype: torch.dtype) -> BitsAnd
 
 
 def require_bitsandbytes(feature: str) -> Any:
-    """Import bitsandbytes, or explain how to install it for ``feature``."""
+    """Import bitsandbytes, or explain how to install it for ``feature``.
+
+    Args:
+        feature: what needs bitsandbytes, for the message.
+
+    Returns:
+        The ``bitsandbytes`` module.
+
+    Raises:
+        ImportError: bitsandbytes is not installed.
+    """
     try:
         import bitsandbytes
     except ImportError as err:
@@ -204,18 +271,41 @@ def _without_cpu_repacking(model: PreTrainedModel) -> PreTrainedModel:
     # silently wrong: one validation or sampling pass would corrupt training. Keep the one layout.
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]  # torch types Module.__setattr__ for tensors/modules only
+            # The ignore below: torch types Module.__setattr__ for tensors/modules only.
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
     return model
 
 
 @functools.lru_cache(maxsize=8)
 def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of a base model; built-in names use the tokenizer shipped with this package."""
+    """The tokenizer of a base model; built-in names use the tokenizer shipped with this package.
+
+    Results are cached per (name_or_path, revision).
+
+    Args:
+        name_or_path: a built-in name, HF id or local HF model directory.
+        revision: the Hub revision (ignored for built-in names).
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        OSError: transformers finds no tokenizer at ``name_or_path``.
+    """
     source = str(TOKENIZER_DIR) if is_builtin(name_or_path) else name_or_path
     return AutoTokenizer.from_pretrained(source, revision=None if is_builtin(name_or_path) else revision)
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:
-    """sha256 of the architecture-defining part of a model config (identical for the same base anywhere)."""
+    """sha256 of the architecture-defining part of a model config (identical for the same base anywhere).
+
+    Run-time keys (dtype, quantization, cache and output flags, the name or path) are left out.
+
+    Args:
+        config: the model config.
+
+    Returns:
+        64 lowercase hex digits.
+    """
     data = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

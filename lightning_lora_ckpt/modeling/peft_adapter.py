@@ -31,13 +31,30 @@ def saved_lora_config(adapter_config: dict[str, Any]) -> LoraConfig:
 
     Initialisation is switched off: the tensors are loaded right after, and some initialisations
     (``init_lora_weights="pissa"``, ``"olora"``, ...) rewrite the frozen base weights.
+
+    Args:
+        adapter_config: the PEFT config, as ``adapter_config.json`` holds it; keys ``LoraConfig`` lacks are
+            ignored.
+
+    Returns:
+        The ``LoraConfig``.
     """
     settings = {k: v for k, v in adapter_config.items() if k in LORA_FIELDS}
     return LoraConfig(**{**settings, "inference_mode": True, "init_lora_weights": False})
 
 
 def new_peft_model(base: PreTrainedModel, config: LoraConfig, name_or_path: str, seed: int) -> PeftModel:
-    """Wrap a frozen base in a fresh LoRA adapter, initialised from ``seed`` without touching the global RNG."""
+    """Wrap a frozen base in a fresh LoRA adapter, initialised from ``seed`` without touching the global RNG.
+
+    Args:
+        base: the base model; its parameters are frozen in place.
+        config: the LoRA config.
+        name_or_path: the base's name, recorded as the adapter config's ``base_model_name_or_path``.
+        seed: the seed of the adapter's initialisation.
+
+    Returns:
+        The PEFT model.
+    """
     for p in base.parameters():
         p.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
@@ -48,7 +65,16 @@ def new_peft_model(base: PreTrainedModel, config: LoraConfig, name_or_path: str,
 
 
 def base_reference(base: PreTrainedModel, name_or_path: str, quantization: str | None) -> BaseModelRef:
-    """The identity a checkpoint records of ``base``: its name and the fingerprint of its config."""
+    """The identity a checkpoint records of ``base``: its name and the fingerprint of its config.
+
+    Args:
+        base: the loaded base model.
+        name_or_path: the name or path it was loaded from.
+        quantization: how it was quantized (``"nf4"``, ``"int8"`` or None).
+
+    Returns:
+        The reference.
+    """
     return BaseModelRef(name_or_path, config_fingerprint(base.config), quantization)
 
 
@@ -64,11 +90,22 @@ def build_peft_model(
 ) -> tuple[PeftModel, BaseModelRef]:
     """Load the base a checkpoint names (or ``name_or_path``, which must have its fingerprint) and the adapter.
 
+    Args:
+        base_model: the base the checkpoint records.
+        adapter_config: the checkpoint's PEFT config.
+        adapter: the checkpoint's verified adapter tensors.
+        name_or_path: load this base instead of the recorded one, or None.
+        dtype: the base's dtype.
+        quantization: ``"nf4"``, ``"int8"`` or None (full precision).
+        source: the checkpoint's URI, for error messages.
+
     Returns:
         The model (eval mode, nothing trainable) and the reference of the base actually loaded.
 
     Raises:
-        ValueError: the base is not the checkpoint's, or the tensors do not fit the config.
+        ValueError: the base is not the checkpoint's, the tensors do not fit the config, or ``dtype`` or
+            ``quantization`` is not supported.
+        ImportError: ``quantization`` is set and bitsandbytes is not installed.
     """
     name = name_or_path or base_model.name_or_path
     base = load_base_model(name, dtype=dtype, revision=adapter_config.get("revision"), quantization=quantization)
@@ -81,14 +118,30 @@ def build_peft_model(
 
 
 def adapter_config_of(model: PeftModel, adapter_name: str | None = None) -> dict[str, Any]:
-    """An adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes)."""
+    """An adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes).
+
+    Args:
+        model: the PEFT model.
+        adapter_name: the adapter, or None for the active one.
+
+    Returns:
+        The config as plain JSON values, with ``inference_mode`` True.
+    """
     config = copy.deepcopy(model.peft_config[adapter_name or model.active_adapter])
     config.inference_mode = True
     return json.loads(json.dumps(config.to_dict(), default=sorted))
 
 
 def adapter_state_dict(model: PeftModel, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
-    """An adapter's tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
+    """An adapter's tensors under PEFT's key names (what ``adapter_model.safetensors`` holds).
+
+    Args:
+        model: the PEFT model.
+        adapter_name: the adapter, or None for the active one.
+
+    Returns:
+        The tensors (views of the model's parameters), by PEFT key.
+    """
     # save_embedding_layers=False: "auto" looks the base up on the Hub at every save, and the
     # frozen embeddings are never part of a checkpoint.
     return get_peft_model_state_dict(
@@ -101,6 +154,13 @@ def adapter_parameter_names(model: PeftModel, prefix: str = "") -> dict[str, str
 
     Worked out once by PEFT itself (a dict of names stands in for the tensors), so a caller picks an
     adapter out of any gathered state dict with one lookup per tensor.
+
+    Args:
+        model: the PEFT model.
+        prefix: prepended to each parameter name (e.g. ``"model."`` for a state dict of a wrapping module).
+
+    Returns:
+        The parameter name of each PEFT key.
     """
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     mapping = get_peft_model_state_dict(model, state_dict={n: n for n in trainable}, save_embedding_layers=False)
@@ -109,6 +169,11 @@ def adapter_parameter_names(model: PeftModel, prefix: str = "") -> dict[str, str
 
 def check_same_lora(ours: dict[str, Any], theirs: dict[str, Any], source: str) -> None:
     """Refuse an adapter config whose LoRA identity (rank, alpha, targets, variants) differs from ``ours``.
+
+    Args:
+        ours: the PEFT config of the model being loaded into.
+        theirs: the checkpoint's PEFT config.
+        source: the checkpoint's URI, for the message.
 
     Raises:
         ValueError: naming the setting and both values.
@@ -124,6 +189,11 @@ def check_same_lora(ours: dict[str, Any], theirs: dict[str, Any], source: str) -
 
 def check_adapter_tensors(expected: dict[str, tuple[int, ...]], adapter: dict[str, torch.Tensor], source: str) -> None:
     """Refuse adapter tensors whose keys or shapes differ from ``expected`` (PEFT key -> shape).
+
+    Args:
+        expected: the shape of each tensor the model holds, by PEFT key.
+        adapter: the checkpoint's adapter tensors.
+        source: the checkpoint's URI, for the message.
 
     Raises:
         ValueError: naming the missing, unexpected or misshapen tensors.
@@ -142,7 +212,16 @@ def check_adapter_tensors(expected: dict[str, tuple[int, ...]], adapter: dict[st
 
 @torch.no_grad()
 def load_adapter_tensors(model: PeftModel, adapter: dict[str, torch.Tensor], source: str) -> None:
-    """Copy verified adapter tensors into the active adapter of an unsharded model, checking keys and shapes."""
+    """Copy verified adapter tensors into the active adapter of an unsharded model, checking keys and shapes.
+
+    Args:
+        model: the PEFT model.
+        adapter: the tensors, by PEFT key.
+        source: the checkpoint's URI, for error messages.
+
+    Raises:
+        ValueError: the keys or shapes differ from the model's; nothing is copied.
+    """
     current = adapter_state_dict(model)  # views of the parameters
     check_adapter_tensors({k: tuple(v.shape) for k, v in current.items()}, adapter, source)
     for key, tensor in adapter.items():
@@ -151,7 +230,14 @@ def load_adapter_tensors(model: PeftModel, adapter: dict[str, torch.Tensor], sou
 
 def frozen_memo(model: torch.nn.Module) -> dict[int, Any]:
     """A ``deepcopy`` memo that shares the frozen base: its parameters and bitsandbytes' per-layer quantization
-    state (an int8 layer keeps its quantized weight in ``state``, a 4-bit one its scales in ``quant_state``)."""
+    state (an int8 layer keeps its quantized weight in ``state``, a 4-bit one its scales in ``quant_state``).
+
+    Args:
+        model: the model to copy.
+
+    Returns:
+        The memo for ``copy.deepcopy(model, memo)``.
+    """
     memo: dict[int, Any] = {id(p): p for p in model.parameters() if not p.requires_grad}
     bnb = sys.modules.get("bitsandbytes")  # loaded by any quantized base
     if bnb is not None:

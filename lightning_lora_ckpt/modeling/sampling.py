@@ -29,7 +29,16 @@ AS_TRAINED = "as-trained"
 class SamplingParams:
     """``temperature=0`` is greedy; ``top_k=0`` and ``top_p=1`` disable those filters; ``stop`` takes
     strings and/or token ids (default: the tokenizer's end-of-sequence token); the same ``seed`` gives
-    the same samples."""
+    the same samples.
+
+    Attributes:
+        max_tokens: the most tokens generated per sample.
+        temperature: the softmax temperature; 0 (or less) picks the most likely token.
+        top_p: keep the smallest set of most likely tokens whose probability reaches ``top_p`` (1: all).
+        top_k: keep the ``top_k`` most likely tokens (0: all).
+        stop: a stop string or token id, or a list of them; None stops at the end-of-sequence token.
+        seed: the seed of the sampling generator; None draws a fresh one.
+    """
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -41,6 +50,15 @@ class SamplingParams:
 
 @dataclasses.dataclass(frozen=True)
 class SampledSequence:
+    """One sampled continuation.
+
+    Attributes:
+        tokens: the generated token ids (a stop token that ended the sample included).
+        logprobs: the model's log-probability of each generated token, before temperature, top-k and top-p.
+        text: the decoded tokens without special tokens, cut before the first stop string.
+        finish_reason: ``"stop"`` if a stop token or string ended it, ``"length"`` if ``max_tokens`` did.
+    """
+
     tokens: list[int]
     logprobs: list[float]  # the model's log-softmax of each generated token, before temperature/top-k/top-p
     text: str
@@ -49,12 +67,27 @@ class SampledSequence:
 
 @dataclasses.dataclass(frozen=True)
 class SampleResponse:
+    """The samples of one :meth:`SamplingClient.sample` call.
+
+    Attributes:
+        sequences: one per sample, less those whose prompt and tokens exceed the client's ``max_seq_len``
+            (none at all if the prompt alone reaches it).
+    """
+
     sequences: list[SampledSequence]
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterIdentity:
-    """Which adapter a client serves: its checkpoint (run, name, URI) and the sha256 of its content."""
+    """Which adapter a client serves: its checkpoint (run, name, URI) and the sha256 of its content.
+
+    Attributes:
+        run_id: the checkpoint's run, or None for an in-memory adapter.
+        name: the checkpoint's name, or None for an in-memory adapter.
+        uri: the checkpoint's URI, or None for an in-memory adapter.
+        content_sha256: the manifest's ``content_sha256`` (its checksummed file list), or for an in-memory
+            adapter the sha256 of its tensors.
+    """
 
     run_id: str | None
     name: str | None
@@ -63,7 +96,17 @@ class AdapterIdentity:
 
 
 class SamplingClient:
-    """Samples from a base model with one LoRA adapter (see :meth:`from_checkpoint`)."""
+    """Samples from a base model with one LoRA adapter (see :meth:`from_checkpoint`).
+
+    The arguments are kept as attributes of the same names.
+
+    Args:
+        model: the base with its adapter (set to eval mode).
+        tokenizer: the base's tokenizer.
+        base_model: the reference of the loaded base; hotloaded adapters must have been trained on it.
+        identity: which adapter ``model`` holds.
+        max_seq_len: the longest prompt plus sample, or None for no limit.
+    """
 
     def __init__(
         self,
@@ -103,9 +146,14 @@ class SamplingClient:
             dtype: dtype of the base's weights.
             quantization: ``"nf4"``, ``"int8"`` or None (full precision); by default as in training.
 
+        Returns:
+            The client, serving the checkpoint's adapter.
+
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-            ValueError: ``base_model`` is not the checkpoint's base.
+            ValueError: ``base_model`` is not the checkpoint's base, or ``dtype`` or ``quantization`` is not
+                supported.
+            ImportError: the base is to be quantized and bitsandbytes is not installed.
         """
         opened = open_checkpoint(uri, root, storage_options)
         recorded = opened.manifest.base_model
@@ -131,6 +179,18 @@ class SamplingClient:
         An adapter with the current one's LoRA config (e.g. a later checkpoint of the same run) is copied
         into the current adapter's tensors; any other is added next to it, switched to, and the old one
         deleted. Either way nothing changes unless the whole new adapter fits.
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://``).
+            root: where ``lora://`` URIs resolve.
+            storage_options: fsspec options of the checkpoint's filesystem.
+
+        Returns:
+            The new :attr:`identity`.
+
+        Raises:
+            CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+            ValueError: the checkpoint was trained on another base, or its tensors do not fit its config.
         """
         opened = open_checkpoint(uri, root, storage_options, base_model=self.base_model)
         lora_config = saved_lora_config(opened.adapter_config)
@@ -174,7 +234,14 @@ class SamplingClient:
     # -- scoring and sampling ---------------------------------------------------------------------
     @torch.no_grad()
     def compute_logprobs(self, tokens: list[int]) -> list[float | None]:
-        """Log-probability of each token given the ones before it (None for the first)."""
+        """Log-probability of each token given the ones before it (None for the first).
+
+        Args:
+            tokens: token ids.
+
+        Returns:
+            One value per token.
+        """
         ids = torch.tensor([tokens], device=self._device)
         logprobs = torch.log_softmax(self.model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         return [None, *logprobs.gather(-1, ids[0, 1:, None])[:, 0].tolist()]
@@ -183,7 +250,19 @@ class SamplingClient:
     def sample(
         self, prompt: str | list[int], sampling_params: SamplingParams | None = None, num_samples: int = 1
     ) -> SampleResponse:
-        """``num_samples`` continuations of ``prompt`` (text or token ids), generated as one batch with a KV cache."""
+        """``num_samples`` continuations of ``prompt`` (text or token ids), generated as one batch with a KV cache.
+
+        Args:
+            prompt: text (tokenized without special tokens) or token ids.
+            sampling_params: the sampling settings, or None for the defaults.
+            num_samples: how many continuations.
+
+        Returns:
+            The samples; empty if the prompt alone reaches ``max_seq_len``.
+
+        Raises:
+            ValueError: ``prompt`` is empty or ``num_samples`` is below 1.
+        """
         params = sampling_params or SamplingParams()
         prompt_ids = (
             self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -251,12 +330,27 @@ def _choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Gener
 
 
 def checkpoint_identity(uri: str, manifest: Manifest) -> AdapterIdentity:
-    """Identity of a committed checkpoint: where it is and the digest of its immutable content."""
+    """Identity of a committed checkpoint: where it is and the digest of its immutable content.
+
+    Args:
+        uri: the checkpoint's URI.
+        manifest: its manifest.
+
+    Returns:
+        The identity.
+    """
     return AdapterIdentity(manifest.run_id, manifest.name, uri, manifest.content_sha256)
 
 
 def snapshot_identity(adapter: dict[str, torch.Tensor]) -> AdapterIdentity:
-    """Identity of an in-memory adapter (no checkpoint): the sha256 of its tensors in key order."""
+    """Identity of an in-memory adapter (no checkpoint): the sha256 of its tensors in key order.
+
+    Args:
+        adapter: the adapter tensors, by PEFT key.
+
+    Returns:
+        The identity, without run, name or URI.
+    """
     digest = hashlib.sha256()
     for key in sorted(adapter):
         digest.update(key.encode())

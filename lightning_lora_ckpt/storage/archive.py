@@ -32,6 +32,20 @@ def download(
     """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
 
     Files are written into a temporary sibling that is renamed into place once all are verified.
+
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        output_dir: a local directory that is absent or empty.
+        storage_options: fsspec options of the checkpoint's filesystem.
+        progress: called with (file name, bytes done, bytes total) while downloading.
+
+    Returns:
+        The absolute path of ``output_dir``.
+
+    Raises:
+        FileExistsError: ``output_dir`` exists and is not empty.
+        CheckpointFormatError: there is no checkpoint at ``uri``, or a file is missing, unsafe or differs
+            from the manifest; nothing is left at ``output_dir``.
     """
     manifest = read_manifest(uri, storage_options)
     target = os.path.abspath(output_dir)
@@ -71,7 +85,22 @@ def download(
 def archive(
     uri: str, tar_path: str, storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
 ) -> str:
-    """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI)."""
+    """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI).
+
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        tar_path: where the archive goes (any fsspec URI or local path); it holds the checkpoint's files at
+            its top level.
+        storage_options: fsspec options of both filesystems.
+        progress: called with (file name, bytes done, bytes total) while downloading.
+
+    Returns:
+        ``tar_path``.
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at ``uri``, or a file is missing, unsafe or differs
+            from the manifest.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         local = download(uri, os.path.join(tmp, "checkpoint"), storage_options, progress)
         fs, path = url_to_fs(tar_path, storage_options)
@@ -90,6 +119,19 @@ def extract_archive(
     """Safely extract a checkpoint archive: only regular files directly inside ``output_dir``.
 
     Refuses symlinks, hard links, devices, absolute paths and ``..`` escapes before writing anything.
+
+    Args:
+        tar_path: the archive (any fsspec URI or local path; ``.tar`` or compressed).
+        output_dir: the local directory to extract into; it is created if needed.
+        storage_options: fsspec options of the archive's filesystem.
+
+    Returns:
+        The absolute path of ``output_dir``.
+
+    Raises:
+        ValueError: a member is not a regular file or would land outside ``output_dir``.
+        FileNotFoundError: there is no file at ``tar_path``.
+        tarfile.ReadError: ``tar_path`` is not a tar archive.
     """
     target = os.path.abspath(output_dir)
     fs, path = url_to_fs(tar_path, storage_options)

@@ -22,8 +22,19 @@ S3_CONFIG_DEFAULTS: dict[str, Any] = {
 _RETRY_ENV = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")  # botocore reads these; an explicit Config would override them
 
 
+class CheckpointConflictError(RuntimeError):
+    """The request conflicts with the checkpoint's current state (e.g. publishing a public checkpoint, or
+    replacing a published one).
+
+    A ``RuntimeError``; nothing was changed.
+    """
+
+
 class CheckpointWriteError(OSError):
-    """Storage kept failing (after the filesystem's own retries) while a checkpoint was written or deleted."""
+    """Storage kept failing (after the filesystem's own retries) while a checkpoint was written or deleted.
+
+    An ``OSError``; the message names the checkpoint and the underlying error, which is its ``__cause__``.
+    """
 
 
 def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -31,6 +42,17 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
     On ``s3://`` the :data:`S3_CONFIG_DEFAULTS` missing from ``storage_options["config_kwargs"]`` are
     added; the retry settings only if neither ``AWS_RETRY_MODE`` nor ``AWS_MAX_ATTEMPTS`` is set.
+
+    Args:
+        uri: any fsspec URI or local path.
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The filesystem and the path of ``uri`` in it.
+
+    Raises:
+        ValueError: fsspec knows no filesystem for the URI's protocol.
+        ImportError: the filesystem's package (e.g. ``s3fs``) is not installed.
     """
     options = dict(storage_options or {})
     if fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
@@ -42,7 +64,17 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 
 @contextlib.contextmanager
 def storage_errors(action: str, uri: str) -> Iterator[None]:
-    """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``."""
+    """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``.
+
+    ``CheckpointWriteError`` and ``FileExistsError`` pass through unchanged.
+
+    Args:
+        action: what the block does, for the message (e.g. ``"write checkpoint"``).
+        uri: the checkpoint's URI.
+
+    Raises:
+        CheckpointWriteError: any other exception left the block.
+    """
     try:
         yield
     except (CheckpointWriteError, FileExistsError):

@@ -28,7 +28,10 @@ _BAD_REF = re.compile(r"^[.-]|\.\.|[\x00-\x20\x7f~^:?*\[\\/]|@\{|\.lock$|\.$|^@$
 
 
 class HubPublishError(RuntimeError):
-    """A checkpoint could not be published: no token, the Hub unreachable, or a request refused."""
+    """A checkpoint could not be published: no token, the Hub unreachable, or a request refused.
+
+    A ``RuntimeError``; the Hub's own error, if any, is its ``__cause__``.
+    """
 
 
 def push_to_hub(
@@ -48,6 +51,25 @@ def push_to_hub(
     against the manifest first. The repo is created if needed. The tag is ``revision_tag`` or
     ``<run_id>-<name>``; an existing tag of that name moves to the new commit. ``token`` defaults to
     huggingface_hub's own (``HF_TOKEN``, ``hf auth login``), the endpoint to ``HF_ENDPOINT``.
+
+    Args:
+        uri: the checkpoint (any fsspec URI, local path or ``lora://``).
+        repo_id: the Hub model repo, ``<owner>/<name>``.
+        private: create the repo private (an existing repo keeps its visibility).
+        token: a Hugging Face token with write access, or None for huggingface_hub's.
+        revision_tag: the git tag of the commit, or None for ``<run_id>-<name>``.
+        metrics: values listed in the model card, by name.
+        root: where ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
+        storage_options: fsspec options of the checkpoint's filesystem.
+
+    Returns:
+        The URL of the commit.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: ``revision_tag`` (or the default tag) is not a valid git tag name, or ``uri`` is a
+            malformed ``lora://`` URI.
+        HubPublishError: there is no token, the Hub is unreachable or it refused a request.
     """
     opened = open_checkpoint(uri, root, storage_options)
     manifest, files = opened.manifest, {n: opened.files[n] for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
@@ -73,7 +95,17 @@ def push_to_hub(
 
 
 def model_card(manifest: Manifest, repo_id: str, tag: str, metrics: dict[str, float]) -> str:
-    """The ``README.md`` of a pushed checkpoint: PEFT metadata and where the adapter comes from."""
+    """The ``README.md`` of a pushed checkpoint: PEFT metadata and where the adapter comes from.
+
+    Args:
+        manifest: the checkpoint's manifest.
+        repo_id: the Hub repo it is pushed to.
+        tag: the git tag of the push, used in the loading example.
+        metrics: values to list, by name.
+
+    Returns:
+        The model card: YAML metadata (base model, ``library_name: peft``, tags), then Markdown.
+    """
     data = ModelCardData(base_model=manifest.base_model.name_or_path, library_name="peft", tags=CARD_TAGS)
     lines = [
         f"# {repo_id}",

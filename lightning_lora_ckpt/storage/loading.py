@@ -20,7 +20,14 @@ from .read import read_files, read_manifest
 @dataclasses.dataclass(frozen=True)
 class OpenedCheckpoint:
     """A checkpoint read and verified: where it is, its manifest, the verified bytes of the files read, and
-    their decoded contents."""
+    their decoded contents.
+
+    Attributes:
+        uri: the checkpoint directory's resolved URI.
+        manifest: its validated manifest.
+        files: the verified bytes of the files read, by file name.
+        payload: their decoded contents.
+    """
 
     uri: str
     manifest: Manifest

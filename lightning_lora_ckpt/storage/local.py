@@ -36,6 +36,20 @@ class LocalRenameCommit(CommitProtocol):
 
         Each file is hashed and fsynced in a worker thread while the next one is written (sha256 and fsync
         release the GIL), so a save costs little more than writing its bytes once.
+
+        Args:
+            uri: the checkpoint's URI, for error messages.
+            path: the local checkpoint directory.
+            files: the contents of every file but the manifest, by file name.
+            make_manifest: builds the manifest from the size and sha256 of each written file.
+            replace: swap out a committed checkpoint at ``path``.
+
+        Returns:
+            The manifest written.
+
+        Raises:
+            FileExistsError: without ``replace``, another writer committed ``path`` meanwhile.
+            CheckpointWriteError: the disk failed; the temporary directory is removed.
         """
         parent, name = os.path.split(path)
         tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
@@ -91,11 +105,24 @@ class LocalRenameCommit(CommitProtocol):
 
     def remove_leftover(self, unit: str, members: list[str]) -> None:
         """Rename the temporary entry away, then delete it: a save committing it at that moment either wins
-        (and is not touched) or fails with an error, never half-deleted after its commit."""
+        (and is not touched) or fails with an error, never half-deleted after its commit.
+
+        Args:
+            unit: the hidden temporary entry.
+            members: its listed entries (unused: the whole entry goes).
+
+        Raises:
+            FileNotFoundError: it is already gone.
+        """
         remove_local_dir(unit)
 
     def check_member(self, uri: str, path: str, name: str) -> None:
         """Refuse a link leading out of the checkpoint directory, a FIFO or a device.
+
+        Args:
+            uri: the checkpoint's URI, for the message.
+            path: the local checkpoint directory.
+            name: the file's name.
 
         Raises:
             CheckpointFormatError: naming the checkpoint and the file.
@@ -113,7 +140,15 @@ class LocalRenameCommit(CommitProtocol):
 
 
 def replace_file(path: str, data: bytes) -> None:
-    """Write a local file by writing and fsyncing a hidden sibling and renaming it over ``path``."""
+    """Write a local file by writing and fsyncing a hidden sibling and renaming it over ``path``.
+
+    Args:
+        path: the file to write or replace.
+        data: its new bytes.
+
+    Raises:
+        OSError: the write or rename failed; the sibling is removed and ``path`` is unchanged.
+    """
     parent, name = os.path.split(path)
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex}")
     try:
@@ -180,6 +215,13 @@ def install_dir(tmp: str, path: str) -> None:
     Whatever is at ``path`` (a leftover, or what is being replaced) is swapped out in the same atomic step
     where the kernel can (Linux ``RENAME_EXCHANGE``), else renamed away just before; then it is deleted.
     A concurrent writer creating or replacing ``path`` meanwhile only makes it try again: the last one wins.
+
+    Args:
+        tmp: the finished directory (a sibling of ``path``, on the same filesystem).
+        path: where it goes.
+
+    Raises:
+        OSError: a rename failed for another reason than a concurrent writer.
     """
     parent, name = os.path.split(path)
     while True:
@@ -207,6 +249,12 @@ def remove_local_dir(path: str) -> None:
 
     The rename is atomic: the entry vanishes from listings before its files do, and a concurrent rename of
     ``path`` (a commit) either happens first (then this raises ``FileNotFoundError``) or fails.
+
+    Args:
+        path: the local file or directory.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or was renamed away meanwhile).
     """
     trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
     os.rename(path, trash)
@@ -218,7 +266,14 @@ _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 def fsync_path(path: str) -> None:
-    """fsync a file or a directory (its entries) by path."""
+    """fsync a file or a directory (its entries) by path.
+
+    Args:
+        path: the local file or directory.
+
+    Raises:
+        OSError: it cannot be opened or synced.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

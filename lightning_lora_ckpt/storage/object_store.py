@@ -28,7 +28,23 @@ class ManifestLastCommit(CommitProtocol):
         self, uri: str, path: str, files: Mapping[str, FileContent], make_manifest: MakeManifest, replace: bool
     ) -> Manifest:
         """See :meth:`CommitProtocol.commit`: an existing checkpoint being replaced is deleted (manifest
-        first) before the upload, so it is never seen mixed with the new one's files."""
+        first) before the upload, so it is never seen mixed with the new one's files.
+
+        Args:
+            uri: the checkpoint's URI, for error messages.
+            path: the checkpoint folder in the store.
+            files: the contents of every file but the manifest, by file name, uploaded in this order.
+            make_manifest: builds the manifest from the size and sha256 of each file.
+            replace: delete a committed checkpoint at ``path`` before uploading.
+
+        Returns:
+            The manifest uploaded.
+
+        Raises:
+            FileExistsError: without ``replace``, another writer committed ``path`` meanwhile (detected where
+                the store supports conditional creates, as S3 does).
+            CheckpointWriteError: the store kept failing.
+        """
         contents = {name: c if isinstance(c, bytes) else c.render() for name, c in files.items()}
         manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in contents.items()})
         with storage_errors("write checkpoint", uri):
@@ -57,7 +73,12 @@ class ManifestLastCommit(CommitProtocol):
             self.fs.pipe_file(path, data)
 
     def remove_leftover(self, unit: str, members: list[str]) -> None:
-        """Exactly the old objects that were listed (a save restarting in that folder keeps its new ones)."""
+        """Exactly the old objects that were listed (a save restarting in that folder keeps its new ones).
+
+        Args:
+            unit: the checkpoint folder without a manifest.
+            members: its listed objects, which are deleted.
+        """
         self.fs.rm([m for m in members if m != unit])
 
     def _upload(self, path: str, data: bytes, manifest: Manifest, create: bool = False) -> None:
@@ -68,7 +89,12 @@ class S3ManifestLastCommit(ManifestLastCommit):
     """S3: objects carry the ``lora-ckpt-ttl`` lifecycle tag, and manifests can be created only if absent."""
 
     def write_manifest(self, path: str, manifest: Manifest) -> None:
-        """Re-tag every object first, so a lifecycle rule never sees a tag shorter than the new expiry."""
+        """Re-tag every object first, so a lifecycle rule never sees a tag shorter than the new expiry.
+
+        Args:
+            path: the checkpoint folder.
+            manifest: the new manifest (same files, new metadata).
+        """
         for name in manifest.files:
             self.fs.put_tags(join(path, name), _ttl_tags(manifest), mode="o")
         super().write_manifest(path, manifest)

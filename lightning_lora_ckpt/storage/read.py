@@ -19,6 +19,13 @@ from .commit import CommitProtocol, open_protocol
 def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
     """Read and validate the manifest of the checkpoint at ``uri``.
 
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The manifest.
+
     Raises:
         CheckpointFormatError: there is no manifest at ``uri``, or it is invalid.
     """
@@ -36,6 +43,15 @@ def read_files(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, bytes]:
     """Read ``names`` from the checkpoint at ``uri``, checking each against the manifest's size and sha256.
+
+    Args:
+        uri: the checkpoint directory's URI.
+        manifest: its manifest, as :func:`read_manifest` returned it.
+        names: the files to read; each must be listed in the manifest.
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The verified bytes of each file, by name.
 
     Raises:
         CheckpointFormatError: a file is missing, unsafe, or differs from its manifest entry.
@@ -67,7 +83,18 @@ def _read_member(protocol: CommitProtocol, uri: str, path: str, name: str, limit
 
 
 def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str) -> None:
-    """Raise ``CheckpointFormatError`` if a file's size or sha256 differs from its manifest entry."""
+    """Raise ``CheckpointFormatError`` if a file's size or sha256 differs from its manifest entry.
+
+    Args:
+        uri: the checkpoint's URI, for the message.
+        name: the file's name.
+        expected: its manifest entry.
+        size: its actual size in bytes.
+        sha256: its actual sha256.
+
+    Raises:
+        CheckpointFormatError: naming the checkpoint, the file and both sizes and digests.
+    """
     if size != expected.size or sha256 != expected.sha256:
         raise CheckpointFormatError(
             f"Checkpoint {uri} is damaged: {name} has {size} bytes and sha256 {sha256[:12]}, "

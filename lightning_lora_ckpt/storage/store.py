@@ -20,7 +20,7 @@ from ..format.ttl import parse_duration
 from ..policy.retention import checkpoint_order, expired, newest
 from .archive import Progress, archive, download
 from .commit import delete_checkpoint, protocol_for, write_manifest
-from .fs import url_to_fs
+from .fs import CheckpointConflictError, url_to_fs
 from .local import TEMP_ENTRY
 from .read import read_files, read_manifest
 
@@ -31,13 +31,15 @@ INCOMPLETE_AFTER = "1d"
 log = logging.getLogger(__name__)
 
 
-class CheckpointConflictError(RuntimeError):
-    """The request conflicts with the checkpoint's current state (e.g. publishing a public checkpoint)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class Cursor:
-    """Where a page of :meth:`CheckpointStore.list_user_checkpoints` sits in the whole listing."""
+    """Where a page of :meth:`CheckpointStore.list_user_checkpoints` sits in the whole listing.
+
+    Attributes:
+        offset: the index of the page's first checkpoint in the whole listing.
+        limit: the page size asked for.
+        total_count: how many checkpoints the whole listing holds.
+    """
 
     offset: int
     limit: int
@@ -46,13 +48,26 @@ class Cursor:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointPage:
+    """One page of :meth:`CheckpointStore.list_user_checkpoints`.
+
+    Attributes:
+        checkpoints: at most ``limit`` checkpoints, newest first.
+        cursor: where the page sits in the whole listing.
+    """
+
     checkpoints: list[Checkpoint]
     cursor: Cursor
 
 
 @dataclasses.dataclass(frozen=True)
 class VerifyReport:
-    """Result of :meth:`CheckpointStore.verify`: ``problems`` is empty when every file matches the manifest."""
+    """Result of :meth:`CheckpointStore.verify`: ``problems`` is empty when every file matches the manifest.
+
+    Attributes:
+        path: the checkpoint's URI.
+        files: the size of each file the manifest lists, by file name.
+        problems: one message per damaged file, or for contents that do not decode.
+    """
 
     path: str
     files: dict[str, int]
@@ -60,6 +75,7 @@ class VerifyReport:
 
     @property
     def ok(self) -> bool:
+        """Whether the checkpoint is intact (no problems)."""
         return not self.problems
 
 
@@ -69,6 +85,15 @@ class CheckpointStore:
     Only committed checkpoints (those with a ``checkpoint.json``) are ever listed; listing reads the
     small manifests (concurrently on object stores), never weight files. Methods taking a ``uri``
     accept any fsspec URI of a checkpoint directory or ``lora://run/kind/name``.
+
+    Args:
+        root: the checkpoint root (any fsspec URI or local path); ``$LORA_CKPT_ROOT``, else
+            ``./checkpoints``, if None.
+        storage_options: fsspec options of the root's filesystem (e.g. S3 credentials or endpoint).
+
+    Raises:
+        ValueError: fsspec knows no filesystem for the root's protocol.
+        ImportError: the filesystem's package (e.g. ``s3fs``) is not installed.
     """
 
     def __init__(self, root: str | None = None, storage_options: dict[str, Any] | None = None) -> None:
@@ -90,7 +115,14 @@ class CheckpointStore:
         return [p.rstrip("/").rsplit("/", 1)[-1] for p in paths]
 
     def list_runs(self) -> list[TrainingRun]:
-        """Every run under the root (a folder with a ``run.json``), oldest first."""
+        """Every run under the root (a folder with a ``run.json``), oldest first.
+
+        Returns:
+            The runs, each with its newest training and sampler checkpoints.
+
+        Raises:
+            ValueError: a ``run.json`` is invalid.
+        """
         runs = []
         for run_id in self._run_ids():
             if RUN_FILE not in self._names(run_id):
@@ -99,7 +131,18 @@ class CheckpointStore:
         return sorted(runs, key=lambda r: r.created_at)
 
     def get_run(self, run_id: str) -> TrainingRun:
-        """The run's metadata, with its newest training and sampler checkpoints."""
+        """The run's metadata, with its newest training and sampler checkpoints.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The run.
+
+        Raises:
+            KeyError: there is no run ``run_id`` (no ``run.json``) under the root.
+            ValueError: ``run_id`` is not a valid run id, or its ``run.json`` is invalid.
+        """
         validate_name(run_id, "run id")
         source = self._uri(run_id, RUN_FILE)
         try:
@@ -119,6 +162,16 @@ class CheckpointStore:
 
         One flat listing of the run (a single request per 1000 objects on S3) finds the manifests,
         which are then fetched concurrently: 1 + N requests for N checkpoints.
+
+        Args:
+            run_id: the run's id.
+
+        Returns:
+            The run's checkpoints; empty for a run that has none or does not exist. Checkpoints with a
+            damaged manifest are left out (:meth:`verify` reports them).
+
+        Raises:
+            ValueError: ``run_id`` is not a valid run id.
         """
         return self._checkpoints(run_id, self._scan(run_id))
 
@@ -153,7 +206,18 @@ class CheckpointStore:
         return sorted(checkpoints, key=checkpoint_order)
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> CheckpointPage:
-        """Checkpoints of every run, newest first, one page at a time."""
+        """Checkpoints of every run, newest first, one page at a time.
+
+        Args:
+            limit: the page size.
+            offset: how many checkpoints of the whole listing to skip.
+
+        Returns:
+            The page and its cursor.
+
+        Raises:
+            ValueError: ``limit`` is below 1 or ``offset`` below 0.
+        """
         if limit < 1 or offset < 0:
             raise ValueError(f"limit must be >= 1 and offset >= 0, got limit={limit}, offset={offset}")
         everything = [c for run_id in self._run_ids() for c in self.list_checkpoints(run_id)]
@@ -169,20 +233,63 @@ class CheckpointStore:
         return ids
 
     def get(self, uri: str) -> Checkpoint:
-        """The checkpoint at a URI."""
+        """The checkpoint at a URI.
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            Its record.
+
+        Raises:
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         uri = self.resolve(uri)
         return Checkpoint.from_manifest(self.manifest(uri), uri)
 
     def manifest(self, uri: str) -> Manifest:
-        """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions)."""
+        """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions).
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            The manifest.
+
+        Raises:
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         return read_manifest(self.resolve(uri), self.storage_options)
 
     def resolve(self, uri: str) -> str:
-        """The full URI of a checkpoint given as a URI, a local path, or ``lora://run/kind/name``."""
+        """The full URI of a checkpoint given as a URI, a local path, or ``lora://run/kind/name``.
+
+        Args:
+            uri: the checkpoint; ``lora://`` URIs resolve under :attr:`root`.
+
+        Returns:
+            The URI (nothing is read).
+
+        Raises:
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         return resolve(uri, self.root)
 
     def last_checkpoint(self, run_id: str, checkpoint_type: CheckpointType = "training") -> Checkpoint | None:
-        """The newest committed checkpoint of that type in the run, or None."""
+        """The newest committed checkpoint of that type in the run, or None.
+
+        Args:
+            run_id: the run's id.
+            checkpoint_type: ``"training"`` (the resume point) or ``"sampler"``.
+
+        Returns:
+            The checkpoint with the highest step (then the latest), or None if the run has none of that type.
+
+        Raises:
+            ValueError: ``run_id`` is not a valid run id.
+        """
         return newest(self.list_checkpoints(run_id), checkpoint_type)
 
     # -- mutable metadata -------------------------------------------------------------------------
@@ -196,21 +303,69 @@ class CheckpointStore:
         """Expire the checkpoint ``ttl_seconds`` from now (``"7d"`` etc. accepted); None removes the TTL.
 
         Only the manifest changes; the checksummed files are not touched.
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+            ttl_seconds: seconds or a duration like ``"30m"``, ``"7d"``; None removes the expiry.
+
+        Returns:
+            The updated record.
+
+        Raises:
+            ValueError: ``ttl_seconds`` is not a positive duration, or ``uri`` is a malformed ``lora://`` URI.
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
         """
         seconds = parse_duration(ttl_seconds)
         expires = utcnow() + timedelta(seconds=seconds) if seconds is not None else None
         return self._update(uri, lambda m: dataclasses.replace(m, expires_at=expires))
 
     def publish(self, uri: str) -> Checkpoint:
-        """Mark the checkpoint public (``gc`` and bucket lifecycle rules never delete it)."""
+        """Mark the checkpoint public (``gc`` and bucket lifecycle rules never delete it).
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            The updated record.
+
+        Raises:
+            CheckpointConflictError: the checkpoint is already public.
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         return self._update(uri, lambda m: _set_public(m, True, uri))
 
     def unpublish(self, uri: str) -> Checkpoint:
+        """Mark the checkpoint private again (``gc`` then deletes it once it has expired).
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            The updated record.
+
+        Raises:
+            CheckpointConflictError: the checkpoint is already private.
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         return self._update(uri, lambda m: _set_public(m, False, uri))
 
     # -- deletion ---------------------------------------------------------------------------------
     def delete(self, uri: str) -> Checkpoint:
-        """Delete a committed checkpoint (its manifest first, so it is never seen half-deleted)."""
+        """Delete a committed checkpoint (its manifest first, so it is never seen half-deleted).
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            The record of the deleted checkpoint.
+
+        Raises:
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            CheckpointWriteError: the storage kept failing.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         checkpoint = self.get(uri)
         delete_checkpoint(checkpoint.path, self.storage_options)
         return checkpoint
@@ -223,6 +378,18 @@ class CheckpointStore:
         Never deleted: a run's newest training checkpoint, or a public checkpoint. What interrupted
         writes left behind (see :meth:`incomplete`) is removed too, once its newest file is older than
         ``incomplete_after`` on the real clock (``now`` only decides expiry), so a save in flight survives.
+
+        Args:
+            dry_run: delete nothing; only return what would be deleted.
+            now: the time expiry is judged at (default: the current time).
+            incomplete_after: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
+
+        Returns:
+            The expired checkpoints deleted (or, with ``dry_run``, to be deleted).
+
+        Raises:
+            ValueError: ``incomplete_after`` is not a valid age.
+            CheckpointWriteError: the storage kept failing while deleting a checkpoint.
         """
         now = now or utcnow()
         doomed, leftovers = [], {}
@@ -248,6 +415,15 @@ class CheckpointStore:
         Locally that is a hidden ``.<name>.tmp-<uuid>`` or ``.<name>.deleting-<uuid>`` entry; on object
         stores, the objects of a checkpoint folder without a manifest (with ``older_than=0`` that includes
         saves still being written). None of it is ever listed as a checkpoint.
+
+        Args:
+            older_than: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
+
+        Returns:
+            The leftovers' URIs under the root.
+
+        Raises:
+            ValueError: ``older_than`` is not a valid age.
         """
         return [
             self._uri_of(unit)
@@ -277,7 +453,20 @@ class CheckpointStore:
 
     # -- integrity and export ---------------------------------------------------------------------
     def verify(self, uri: str) -> VerifyReport:
-        """Check every file of a checkpoint against the manifest's size and sha256, then that it decodes."""
+        """Check every file of a checkpoint against the manifest's size and sha256, then that it decodes.
+
+        Damage is reported in the result, not raised.
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+
+        Returns:
+            The report; ``ok`` is False if a file is missing, unsafe, differs or does not decode.
+
+        Raises:
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         uri = self.resolve(uri)
         manifest = read_manifest(uri, self.storage_options)
         problems, files = [], {}
@@ -300,14 +489,39 @@ class CheckpointStore:
 
         Files are written into a temporary sibling that is renamed into place once all are verified.
 
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+            output_dir: a local directory that is absent or empty.
+            progress: called with (file name, bytes done, bytes total) while downloading.
+
+        Returns:
+            The absolute path of ``output_dir``.
+
         Raises:
             FileExistsError: ``output_dir`` exists and is not empty.
-            CheckpointFormatError: a file is missing, unsafe or differs from the manifest.
+            CheckpointFormatError: there is no checkpoint at ``uri``, or a file is missing, unsafe or differs
+                from the manifest.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
         return download(self.resolve(uri), output_dir, self.storage_options, progress)
 
     def archive(self, uri: str, tar_path: str, progress: Progress | None = None) -> str:
-        """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI)."""
+        """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI).
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+            tar_path: where the archive goes (any fsspec URI or local path, reached with this store's
+                ``storage_options``).
+            progress: called with (file name, bytes done, bytes total) while downloading.
+
+        Returns:
+            ``tar_path``.
+
+        Raises:
+            CheckpointFormatError: there is no checkpoint at ``uri``, or a file is missing, unsafe or differs
+                from the manifest.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
         return archive(self.resolve(uri), tar_path, self.storage_options, progress)
 
 

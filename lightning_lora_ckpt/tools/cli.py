@@ -24,16 +24,20 @@ TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def run_lightning_cli(args: Sequence[str] | None) -> None:
-    """``fit``/``validate``/``test``/``predict`` configured by YAML; model, data, plugins and callbacks by class_path."""
+    """``fit``/``validate``/``test``/``predict`` configured by YAML; model, data, plugins and callbacks by
+    class_path.
+
+    Args:
+        args: the command line after the program name (``fit -c config.yaml ...``), or None for ``sys.argv``.
+    """
     # Imported here: the management commands must start without torch and Lightning.
+    from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    from ..lightning.data import JSONLDataModule
-    from ..lightning.module import LoRAModule
-
+    # Any LightningModule and data module by class_path (LoRAModule, JSONLDataModule, or the user's own).
     LightningCLI(
-        LoRAModule,
-        JSONLDataModule,
+        LightningModule,
+        LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         args=None if args is None else list(args),
@@ -93,6 +97,20 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 
 # -- commands: each returns what --json prints -------------------------------------------------------
 def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``list``: the checkpoints of one run (oldest first), or one page of every run's (newest first).
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints (``checkpoints``, and ``cursor`` for every run's), else None.
+
+    Raises:
+        KeyError: ``run_id`` names no run.
+        ValueError: an invalid run id, ``--limit`` or ``--offset``.
+    """
     if args.run_id:
         store.get_run(args.run_id)  # an unknown run is an error, not an empty table
         checkpoints = store.list_checkpoints(args.run_id)
@@ -111,6 +129,20 @@ def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console)
 
 
 def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``info``: a checkpoint's record and manifest (fingerprint, content sha256, files, versions).
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints, else None.
+
+    Raises:
+        CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
+        ValueError: the URI is a malformed ``lora://`` URI.
+    """
     checkpoint, manifest = store.get(args.uri), store.manifest(args.uri)
     info = {
         **checkpoint.to_dict(),
@@ -130,6 +162,20 @@ def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console)
 
 
 def cmd_set_ttl(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``set-ttl``: set (``--ttl``) or remove (``--remove``) a checkpoint's expiry.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the updated record and a message.
+
+    Raises:
+        ValueError: not exactly one of ``--ttl`` and ``--remove``, or a duration that is not positive.
+        CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
+    """
     if args.remove == (args.ttl is not None):
         raise ValueError("pass exactly one of --ttl DURATION (e.g. 7d) or --remove")
     c = store.set_ttl(args.uri, None if args.remove else args.ttl)
@@ -137,11 +183,40 @@ def cmd_set_ttl(store: CheckpointStore, args: argparse.Namespace, console: Conso
 
 
 def cmd_publish(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``publish`` / ``unpublish``: mark a checkpoint public or private.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the updated record and a message.
+
+    Raises:
+        CheckpointConflictError: the checkpoint is already public (or private).
+        CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
+    """
     c = store.publish(args.uri) if args.command == "publish" else store.unpublish(args.uri)
     return _say(args, console, c, f"{c.path}: {'public' if c.public else 'private'}")
 
 
 def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``delete``: delete checkpoints, after confirmation unless ``-y``.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the records of the deleted checkpoints.
+
+    Raises:
+        RuntimeError: the confirmation was declined.
+        CheckpointFormatError: a URI has no committed checkpoint (nothing is deleted then).
+        CheckpointWriteError: the storage kept failing.
+    """
     checkpoints = [store.get(uri) for uri in args.uris]
     _confirm(args, f"Delete {len(checkpoints)} checkpoint(s): {', '.join(c.path for c in checkpoints)}?")
     for c in checkpoints:
@@ -152,6 +227,20 @@ def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 
 def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``gc``: delete expired checkpoints and leftovers of interrupted writes, after confirmation unless ``-y``.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: ``dry_run`` and the records of the (to be) deleted checkpoints.
+
+    Raises:
+        RuntimeError: the confirmation was declined.
+        CheckpointWriteError: the storage kept failing.
+    """
     planned = store.gc(dry_run=True)
     if planned and not args.dry_run:
         _confirm(args, f"Delete {len(planned)} expired checkpoint(s)?")
@@ -163,23 +252,77 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
 
 
 def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``download``: copy a checkpoint into a local directory, verifying every file.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the directory and a message.
+
+    Raises:
+        FileExistsError: the output directory exists and is not empty.
+        CheckpointFormatError: there is no checkpoint at the URI, or a file is missing, unsafe or damaged.
+    """
     with _progress_bar(console, not args.json) as progress:
         path = store.download(args.uri, args.output_dir, progress=progress)
     return _say(args, console, None, f"downloaded {store.resolve(args.uri)} to {path}", path=path)
 
 
 def cmd_archive(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``archive``: write a verified checkpoint as a ``.tar`` or ``.tar.gz``.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the archive's path and a message.
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at the URI, or a file is missing, unsafe or damaged.
+    """
     with _progress_bar(console, not args.json) as progress:
         path = store.archive(args.uri, args.tar_path, progress=progress)
     return _say(args, console, None, f"archived {store.resolve(args.uri)} to {path}", path=path)
 
 
 def cmd_extract(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``extract``: safely extract a checkpoint archive.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the directory and a message.
+
+    Raises:
+        ValueError: a member is not a regular file or would land outside the output directory.
+        FileNotFoundError: there is no archive at the path.
+    """
     path = extract_archive(args.tar_path, args.output_dir, store.storage_options)
     return _say(args, console, None, f"extracted {args.tar_path} to {path}", path=path)
 
 
 def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``verify``: check every file against the manifest; a damaged checkpoint sets ``args.exit_code`` to 2.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the path, ``ok``, the file sizes and the problems found.
+
+    Raises:
+        CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
+    """
     report = store.verify(args.uri)
     if not args.json:
         console.print(f"{'ok' if report.ok else 'DAMAGED'}: {report.path} ({len(report.files)} files)")
@@ -191,6 +334,21 @@ def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 
 def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``push-hf``: push a checkpoint's PEFT adapter and a model card to the Hugging Face Hub.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the commit URL and a message.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: ``--tag`` is not a valid git tag name.
+        HubPublishError: there is no token, the Hub is unreachable or it refused a request.
+    """
     from ..storage.hub import push_to_hub  # imports huggingface_hub and torch: only when pushing
 
     url = push_to_hub(
@@ -204,6 +362,20 @@ def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Conso
 
 
 def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``sample``: sample continuations of ``--prompt`` from a checkpoint's adapter.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the adapter's identity and the sampled sequences.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: an empty prompt or ``--num-samples`` below 1.
+    """
     import dataclasses
 
     from ..modeling.sampling import SamplingClient, SamplingParams  # imports torch: only when sampling
@@ -221,6 +393,22 @@ def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 
 def cmd_merge(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``merge``: fold a checkpoint's LoRA adapter into its base, as a full HF model directory.
+
+    Args:
+        store: the store of ``--root`` and ``--storage-options``.
+        args: the parsed command line.
+        console: where human-readable output goes.
+
+    Returns:
+        What ``--json`` prints: the model directory and a message.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: an unsupported ``--dtype`` or ``--max-shard-size``, another base, or an adapter that
+            cannot be merged.
+        FileExistsError: the output directory is not empty and ``--overwrite`` is not given.
+    """
     from .export import merge_adapter  # imports torch and transformers: only when merging
 
     uri = store.resolve(args.uri)
@@ -245,6 +433,11 @@ def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | No
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the checkpoint management commands (the training commands go to LightningCLI).
+
+    Returns:
+        The parser; each subcommand sets ``handler`` to its ``cmd_*`` function.
+    """
     parser = argparse.ArgumentParser(
         prog="lightning-lora-ckpt",
         description="LoRA checkpoint lifecycle for Lightning. Training: "
@@ -312,6 +505,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lightning-lora-ckpt`` command.
+
+    ``fit``, ``validate``, ``test`` and ``predict`` run LightningCLI; every other command manages
+    checkpoints. A ``KeyError``, ``ValueError``, ``OSError`` or ``RuntimeError`` of a management command
+    is printed as ``error: ...`` on stderr instead of a traceback.
+
+    Args:
+        argv: the arguments after the program name, or None for ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 1 on an error, 2 if ``verify`` found a damaged checkpoint.
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` or a bad command line.
+    """
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in TRAINING_COMMANDS:
         run_lightning_cli(argv)

@@ -43,7 +43,6 @@ from ..storage.local import install_dir
 
 log = logging.getLogger(__name__)
 
-#: Output dtypes of ``merge_adapter``.
 # Dtype names in safetensors headers that a base may hold (a float8 base is a quantized checkpoint).
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64,
@@ -81,7 +80,14 @@ _MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if sys.platform.s
 
 @dataclasses.dataclass(frozen=True)
 class LoRADelta:
-    """The low-rank update of one linear weight: ``scale * B @ A`` (transposed for ``fan_in_fan_out`` layers)."""
+    """The low-rank update of one linear weight: ``scale * B @ A`` (transposed for ``fan_in_fan_out`` layers).
+
+    Attributes:
+        lora_A: the (r, in) matrix, float32.
+        lora_B: the (out, r) matrix, float32.
+        scale: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        fan_in_fan_out: whether the weight is stored (in, out), as in GPT-2's ``Conv1D``.
+    """
 
     lora_A: torch.Tensor
     lora_B: torch.Tensor
@@ -100,6 +106,14 @@ class LoRADelta:
         Rows are folded a block at a time in ``scratch``, a float32 buffer of at least one row that the
         caller reuses for every weight: a float32 copy of each weight, freed between the results kept
         for the shard, would fragment the heap and add hundreds of MB to the peak.
+
+        Args:
+            weight: the base weight, of shape :attr:`shape`.
+            dtype: the result's dtype.
+            scratch: a flat float32 buffer of at least one row of ``weight``.
+
+        Returns:
+            The merged weight.
         """
         # Row i of the update is left[i] @ right; (B @ A).T == A.T @ B.T for (in, out) weights.
         left, right = (self.lora_A.T, self.lora_B.T) if self.fan_in_fan_out else (self.lora_B, self.lora_A)
@@ -119,6 +133,18 @@ def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]
     Honours ``use_rslora`` (scale ``alpha/sqrt(r)`` instead of ``alpha/r``), ``rank_pattern``,
     ``alpha_pattern`` and ``fan_in_fan_out``; refuses DoRA and other variants whose merge is not
     ``W + scale * B @ A``, and adapters of non-linear layers (embeddings, convolutions).
+
+    Args:
+        adapter: the adapter tensors under PEFT's key names.
+        adapter_config: the PEFT config (``adapter_config.json``).
+        source: the checkpoint's URI, for error messages.
+
+    Returns:
+        The delta of each adapted weight, by the base weight's name (e.g. ``model.layers.0.mlp.up_proj.weight``).
+
+    Raises:
+        ValueError: the adapter is not plain LoRA on linear layers, lacks half of a pair, or has tensors
+            whose shapes do not match its ranks.
     """
     peft_type = adapter_config.get("peft_type")
     if peft_type != "LORA":
@@ -147,13 +173,15 @@ def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{source}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
         lora_A, lora_B = pair["A"], pair["B"]
-        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)  # type: ignore[arg-type]  # peft passes keys() too
+        # The ignore below: peft passes keys() too.
+        rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), r)  # type: ignore[arg-type]
         if lora_A.ndim != 2 or lora_B.ndim != 2 or lora_A.shape[0] != rank or lora_B.shape[1] != rank:
             raise ValueError(
                 f"{source}: {module} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, not the "
                 f"(r, in) and (out, r) matrices of a rank-{rank} linear LoRA (convolution LoRA is not supported)"
             )
-        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)  # type: ignore[arg-type]  # as above
+        # The ignore below: as above.
+        module_alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), alpha)  # type: ignore[arg-type]
         scale = module_alpha / (math.sqrt(rank) if adapter_config.get("use_rslora") else rank)
         fan_in_fan_out = bool(adapter_config.get("fan_in_fan_out"))
         deltas[f"{module}.weight"] = LoRADelta(lora_A.float(), lora_B.float(), scale, fan_in_fan_out)
@@ -386,6 +414,9 @@ def merge_adapter(
 ) -> str:
     """Write the base model with the checkpoint's LoRA adapter folded in, as a full HF model directory.
 
+    The model is written to a temporary sibling of ``output_dir`` and renamed into place at the end, so a
+    failure never leaves a partial model.
+
     Args:
         uri: a sampler or training checkpoint: fsspec URI, local path or ``lora://run/kind/name``.
         output_dir: a local directory for the model; it must be absent or empty unless ``overwrite``.
@@ -398,8 +429,17 @@ def merge_adapter(
         storage_options: fsspec options for the checkpoint's filesystem.
         progress: called with (label, bytes written, total bytes) after each shard.
 
-    The model is written to a temporary sibling of ``output_dir`` and renamed into place at the end, so a
-    failure never leaves a partial model. Returns the absolute path of ``output_dir``.
+    Returns:
+        The absolute path of ``output_dir``.
+
+    Raises:
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        ValueError: ``dtype`` or ``max_shard_size`` is not supported, the base is not the checkpoint's or is
+            quantized, or the adapter cannot be merged (not plain LoRA on linear layers, or it does not fit
+            the base's weights).
+        FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
+        NotADirectoryError: ``output_dir`` exists and is not a directory.
+        OSError: transformers finds no base model at ``base_model`` or the recorded name.
     """
     dtype = float_dtype(dtype, "dtype")
     _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read

@@ -1,4 +1,4 @@
-"""One training job of the multi-process tests: `python distributed_job.py STRATEGY DEVICES ROOT RUN STEPS [CKPT]`.
+"""One training job of the multi-process tests: `python tests/support/distributed_job.py STRATEGY DEVICES ROOT RUN STEPS [CKPT]`.
 
 STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with gloo); `lightning-ddp` and
 `lightning-fsdp2` save Lightning's default way instead (TorchCheckpointIO; ModelParallelStrategy's

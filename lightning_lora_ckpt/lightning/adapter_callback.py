@@ -1,0 +1,106 @@
+"""The callback that makes ``LoRACheckpointIO`` work with any LightningModule and Lightning's ``ModelCheckpoint``.
+
+Installed with the package, it is added to every Trainer through Lightning's
+``lightning.pytorch.callbacks_factory`` entry point, and acts only on Trainers whose checkpoint plugin is a
+:class:`LoRACheckpointIO`. At setup it binds the module's PEFT adapter (refusing a module without one, with
+the fix) and points every ``ModelCheckpoint`` without a ``dirpath`` at the run's folders; at the start of
+training it checks that the state can be stored without pickle; on resume it restores the RNG states.
+The plugin itself picks the bound adapter out of every checkpoint dict it saves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from typing_extensions import override
+
+from ..format import layout
+from ..format.state_codec import StateEncodingError, encode_state
+from .checkpoint_dict import AdapterBinding
+from .checkpoint_io import LoRACheckpointIO
+
+
+def lora_checkpoint_io(trainer: Trainer) -> LoRACheckpointIO | None:
+    """The trainer's ``LoRACheckpointIO``, or None if it has another checkpoint plugin."""
+    io = trainer.strategy.checkpoint_io
+    return io if isinstance(io, LoRACheckpointIO) else None
+
+
+class LoRAAdapterCheckpointing(Callback):
+    """Binds the PEFT LoRA adapter of any LightningModule to the trainer's ``LoRACheckpointIO``.
+
+    Nothing to configure: Lightning adds it to every Trainer (entry point), and it does nothing unless the
+    Trainer has ``plugins=[LoRACheckpointIO(...)]``. Adding it by hand is allowed (one instance acts).
+    """
+
+    def __init__(self) -> None:
+        self.binding: AdapterBinding | None = None
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Bind the module's adapter and map ``ModelCheckpoint`` folders (see the module docstring).
+
+        Raises:
+            ValueError: the module holds no single PEFT LoRA adapter the plugin can save, with the fix.
+        """
+        io = lora_checkpoint_io(trainer)
+        first = next(cb for cb in trainer.callbacks if isinstance(cb, LoRAAdapterCheckpointing))  # type: ignore[attr-defined]
+        if io is None or first is not self:
+            self.binding = None
+            return
+        existing = getattr(pl_module, "adapter_binding", None)
+        self.binding = existing if isinstance(existing, AdapterBinding) else AdapterBinding.of_module(pl_module)
+        io.adapter_binding = self.binding
+        io.bound_module = pl_module
+        # Only the adapter is in a checkpoint's state_dict; the plugin checks keys and shapes itself.
+        pl_module.strict_loading = False
+        io.run_id = trainer.strategy.broadcast(io.ensure_run_id())
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                kind = "sampler_weights" if callback.save_weights_only else "weights"
+                callback.dirpath = layout.join(io.root, io.run_id, kind)
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse, before the first step, state that a training checkpoint could not store without pickle.
+
+        Raises:
+            StateEncodingError: naming the key and the fix.
+        """
+        if self.binding is None:
+            return
+        parts: dict[str, Any] = {
+            "hyper_parameters": dict(getattr(pl_module, "hparams", {}) or {}),
+            "optimizer_states": [opt.state_dict()["param_groups"] for opt in trainer.optimizers],
+            "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
+            "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks},  # type: ignore[attr-defined]
+            "loops": {"fit_loop": trainer.fit_loop.state_dict()},
+        }
+        if trainer.datamodule is not None:  # type: ignore[attr-defined]
+            parts["datamodule"] = trainer.datamodule.state_dict()  # type: ignore[attr-defined]
+        try:
+            encode_state(parts)
+        except StateEncodingError as err:
+            raise StateEncodingError(
+                f"{err}. LoRACheckpointIO checks this before the first training step, so no training is lost"
+            ) from None
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """After the run the plugin's ``load_checkpoint`` returns adapters under PEFT's key names again (saves
+        still pick the bound adapter: ``trainer.save_checkpoint`` after fit works)."""
+        io = lora_checkpoint_io(trainer)
+        if self.binding is not None and io is not None and io.adapter_binding is self.binding:
+            io.bound_module = None
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.binding is not None:
+            self.binding.restore_rng(checkpoint)
+
+
+def callbacks() -> list[Callback]:
+    """The ``lightning.pytorch.callbacks_factory`` entry point: one inactive-unless-needed callback."""
+    return [LoRAAdapterCheckpointing()]
