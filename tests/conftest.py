@@ -44,6 +44,6 @@ def s3_server() -> Iterator[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def source() -> Source:
+def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
     """The Lightning checkpoint dicts of a tiny module trained for two steps (the forked writers' saves)."""
-    return build_source()
+    return build_source(str(tmp_path_factory.mktemp("source")))

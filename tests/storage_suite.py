@@ -192,8 +192,8 @@ class StorageContract:
         assert read_manifest(io.resolve("final", "training"), self.options).step == 2
         fs, weights = url_to_fs(f"{self.uri}/run/weights", self.options)
         assert [posixpath.basename(p) for p in fs.ls(weights, detail=False)] == ["final"]  # no hidden leftovers
-        with pytest.raises(FileExistsError):
-            io.save_checkpoint(fake_checkpoint(3), "final")
+        with pytest.raises(FileExistsError):  # overwrite=False refuses to replace (without it a save replaces)
+            io.save_checkpoint(fake_checkpoint(3), "final", {"overwrite": False})
 
 
 class CrossProcessContract(StorageContract):

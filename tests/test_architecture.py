@@ -5,10 +5,13 @@ Fast and model-free: the import graph is read from the source (grimp), never by 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grimp
@@ -19,9 +22,23 @@ PACKAGE = "lightning_lora_ckpt"
 MAX_LINES = 500
 
 
+@contextlib.contextmanager
+def loggers_left_enabled() -> Iterator[None]:
+    """Undo what ``lint_imports`` does to logging: its ``dictConfig`` disables every logger that exists, which
+    would silence the package's loggers (and the ``caplog`` checks of them) for the rest of the session."""
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = {lg: lg.disabled for lg in loggers}
+    try:
+        yield
+    finally:
+        for lg, was_disabled in disabled.items():
+            lg.disabled = was_disabled
+
+
 def test_import_linter_contracts_are_kept(capsys) -> None:
     """Every contract in pyproject.toml's [tool.importlinter] holds (what ``lint-imports`` checks)."""
-    exit_code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True)
+    with loggers_left_enabled():
+        exit_code = lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True)
     report = capsys.readouterr().out
     assert exit_code == 0, report
     counts = re.search(r"Contracts: (\d+) kept, (\d+) broken", report)

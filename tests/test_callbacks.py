@@ -84,16 +84,20 @@ def test_failed_write_keeps_the_checkpoint_it_would_replace() -> None:
     assert ids(CheckpointStore("failingmem://replace"), "run") == {"weights/rolling-000001": 1}
 
 
-def test_invalid_settings_and_model_checkpoint_names(tmp_path: Path) -> None:
+def test_invalid_settings_and_lightning_checkpoint_names(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="kind must be one of"):
         PeriodicCheckpoint(kind="weights")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="keep_last must be positive"):
         PeriodicCheckpoint(keep_last=0)
     with pytest.raises(ValueError, match="A TTL must be positive"):
         CheckpointTTL(periodic_ttl="0s")
-    trainer = make_trainer(LoRACheckpointIO(root=str(tmp_path), run_id="run"), max_steps=1, enable_checkpointing=True)
-    with pytest.raises(ValueError, match=r"save with lightning_lora_ckpt\.PeriodicCheckpoint"):
-        trainer.fit(LoRAModule(**MODULE_KWARGS), batch_loader(1))
+    # Lightning's default ModelCheckpoint names are checkpoint names as they are, beside PeriodicCheckpoint.
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="run")
+    saver = PeriodicCheckpoint(every_n_train_steps=1, kind="sampler", save_final=False)
+    make_trainer(io, max_epochs=1, callbacks=[saver], enable_checkpointing=True).fit(
+        LoRAModule(**MODULE_KWARGS), batch_loader(1)
+    )
+    assert set(ids(CheckpointStore(str(tmp_path)), "run")) == {"sampler_weights/000001", "weights/epoch=0-step=1"}
 
 
 AUTORESUME_CHILD = textwrap.dedent(

@@ -140,9 +140,10 @@ def test_memory_filesystem_roundtrip() -> None:
 
 
 def test_failed_upload_leaves_no_visible_checkpoint_and_surfaces_the_error(trained) -> None:
-    _module, _, trainer = trained
+    module, _, trainer = trained
     io = LoRACheckpointIO(root="failingmem://bucket", run_id="run", async_save=True)
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+    module.adapter_binding.to_checkpoint(checkpoint)  # what the trainer's own plugin does with the dict
     for writes in range(5):  # fail at every point: run.json, each file, the manifest
         FailingMemoryFS.writes_left = writes
         io.save_checkpoint(checkpoint, f"t{writes}")
@@ -158,15 +159,17 @@ def test_failed_upload_leaves_no_visible_checkpoint_and_surfaces_the_error(train
 
 
 def test_async_errors_surface_on_next_save_and_teardown(trained) -> None:
-    _module, _, trainer = trained
+    module, _, trainer = trained
     io = LoRACheckpointIO(root=trainer.strategy.checkpoint_io.root, run_id="async", async_save=True)
     checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-    io.save_checkpoint(checkpoint, "dup")
-    io.save_checkpoint(checkpoint, "dup")  # committed in order: the second finds the first and fails
+    module.adapter_binding.to_checkpoint(checkpoint)  # what the trainer's own plugin does with the dict
+    keep = {"overwrite": False}
+    io.save_checkpoint(checkpoint, "dup", keep)
+    io.save_checkpoint(checkpoint, "dup", keep)  # committed in order: the second finds the first and fails
     time.sleep(0.5)
     with pytest.raises(RuntimeError, match="already exists"):
         io.save_checkpoint(checkpoint, "other")
-    io.save_checkpoint(checkpoint, "dup")
+    io.save_checkpoint(checkpoint, "dup", keep)
     with pytest.raises(FileExistsError):
         io.teardown()
 
@@ -174,8 +177,8 @@ def test_async_errors_surface_on_next_save_and_teardown(trained) -> None:
 def test_refusals(trained, tmp_path) -> None:
     module, io, trainer = trained
     module.save_state("t")
-    with pytest.raises(FileExistsError, match="already exists"):
-        module.save_state("t")
+    with pytest.raises(FileExistsError, match=r"already exists.*'overwrite': True"):
+        trainer.save_checkpoint("t", storage_options={"overwrite": False})
     with pytest.raises(ValueError, match="Invalid checkpoint name"):
         module.save_state("../escape")
     with pytest.raises(ValueError, match="folder is for training checkpoints"):

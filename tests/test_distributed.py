@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reaso
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning's FSDPStrategy needs CUDA")
 
 
-def run(strategy: str, devices: int, root: Path, run_id: str, steps: int, ckpt: str | None = None) -> Path:
+def run(
+    strategy: str, devices: int, root: Path, run_id: str, steps: int, ckpt: str | None = None, user: bool = False
+) -> Path:
     args = [sys.executable, str(JOB), strategy, str(devices), str(root), run_id, str(steps), *([ckpt] if ckpt else [])]
-    env = {**os.environ, "ACCELERATOR": "cuda" if strategy == "fsdp1" else "cpu"}
+    env = {**os.environ, "ACCELERATOR": "cuda" if strategy == "fsdp1" else "cpu", "USER_MODULE": "1" if user else "0"}
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root.parent, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return root / run_id / "weights" / f"step{steps}"
@@ -82,3 +84,15 @@ def test_lightning_fsdp_strategy_on_cuda(runs: dict[str, Path], source: str, tar
     first = fsdp1 if source == "fsdp1" else runs["single"]
     resumed = run(target, 1, root, f"{source}-to-{target}-cuda", 6, str(first))
     assert_same(runs["reference"], resumed)
+
+
+def test_ddp_with_a_users_own_module(tmp_path: Path) -> None:
+    """Two-process DDP with a LightningModule of the user's (peft.get_peft_model), the plugin only."""
+    root = tmp_path / "ckpts"
+    single = run("single", 1, root, "user-single", 4, user=True)
+    ddp = run("ddp", 2, root, "user-ddp", 4, user=True)
+    assert_same(single, ddp)
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+    resumed = run("single", 1, root, "user-ddp-to-single", 6, str(ddp), user=True)
+    continued = run("single", 1, root, "user-single-6", 6, str(single), user=True)
+    assert_same(continued, resumed)

@@ -212,7 +212,7 @@ def test_fabric_save_and_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_lora_module_load_from_checkpoint(trained) -> None:
-    module, io, trainer_ = trained
+    module, _io, _trainer = trained
     uri = module.save_state("lf")
     loaded = LoRAModule.load_from_checkpoint(uri)
     assert digest(loaded.adapter_state_dict()) == digest(module.adapter_state_dict())

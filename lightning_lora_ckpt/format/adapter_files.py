@@ -33,6 +33,18 @@ _CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "use_dora": (bool,),
     "fan_in_fan_out": (bool,),
 }
+#: A plain module name (or a dotted path of them; ``\.`` may stand for a literal dot): PEFT runs the names
+#: and pattern keys of a config as regular expressions; these hold no repetition, so matching them is cheap.
+_PLAIN_NAME = re.compile(r"(?:[A-Za-z0-9_\-.]|\\\.){1,256}")
+#: Settings PEFT matches against module names as regular expressions (strings, lists, or dict keys).
+_NAME_SETTINGS = (
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 
 def encode_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, FileContent]:
@@ -44,7 +56,12 @@ def encode_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> 
 
     Returns:
         The contents of ``adapter_model.safetensors`` and ``adapter_config.json``, by file name.
+
+    Raises:
+        CheckpointFormatError: a module name or pattern of ``config`` is a regular expression no loader of
+            this package accepts (see :func:`check_module_names`): nothing is written that would not load.
     """
+    check_module_names(config, None)
     return {
         ADAPTER_WEIGHTS: safetensors_file(tensors, _SAFETENSORS_METADATA),
         ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True).encode(),
@@ -102,6 +119,7 @@ def check_adapter(adapter: dict[str, torch.Tensor], config: dict[str, Any], sour
             raise bad(f"has {key}={value!r}, expected {' or '.join(t.__name__ for t in types)}")
     if isinstance(config.get("target_modules"), list) and not all(type(m) is str for m in config["target_modules"]):
         raise bad(f"has target_modules={config['target_modules']!r}, expected module names")
+    check_module_names(config, source)
     alphas = list((config.get("alpha_pattern") or {}).values())
     ranks = [config["r"], *(config.get("rank_pattern") or {}).values()]
     if not all(type(a) in (int, float) for a in alphas) or not all(type(r) is int and r > 0 for r in ranks):
@@ -113,3 +131,44 @@ def check_adapter(adapter: dict[str, torch.Tensor], config: dict[str, Any], sour
             f"gives LoRA ranks {sorted(set(ranks))} (r, rank_pattern) but the tensors of {ADAPTER_WEIGHTS} have ranks "
             f"{sorted(found)}: the two files do not belong together"
         )
+
+
+def check_module_names(config: dict[str, Any], source: str | None) -> None:
+    """Refuse module names and pattern keys PEFT would run as arbitrary regular expressions.
+
+    PEFT matches a string ``target_modules``/``exclude_modules``, the entries of ``layers_pattern`` and
+    ``modules_to_save`` and the keys of ``rank_pattern``/``alpha_pattern`` against every module name as
+    regular expressions: one like ``(.*.*)*z`` takes exponential time, so a loader would hang. Accepted:
+    ``"all-linear"`` and plain module names or dotted paths (letters, digits, ``_``, ``-``, ``.``, ``\\.``;
+    at most 256 characters each), which hold no repetition: matching them is cheap. The check's own work is
+    linear in the config's size.
+
+    Args:
+        config: the PEFT config, as ``adapter_config.json`` holds it.
+        source: the checkpoint's URI, for error messages; None for a config being saved.
+
+    Raises:
+        CheckpointFormatError: naming ``source``, the setting and the fix.
+    """
+    where = f"Checkpoint {source}" if source is not None else "The LoRA adapter to save"
+    for key in _NAME_SETTINGS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            names: list[Any] = [] if key == "target_modules" and value == "all-linear" else [value]
+        elif isinstance(value, dict):
+            names = list(value)
+        elif isinstance(value, list):
+            names = value
+        else:
+            raise CheckpointFormatError(
+                f"{where}: {ADAPTER_CONFIG} has {key} of type {type(value).__name__}, not module names"
+            )
+        for name in names:
+            if type(name) is not str or not _PLAIN_NAME.fullmatch(name):
+                raise CheckpointFormatError(
+                    f"{where}: {ADAPTER_CONFIG} has {key} entry {str(name)[:100]!r}, which is not a "
+                    "plain module name: regular expressions are refused (PEFT would run them against every module "
+                    "name); list the module names instead (letters, digits, '_', '-', '.')"
+                )

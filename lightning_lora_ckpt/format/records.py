@@ -9,9 +9,11 @@ from typing import Any
 
 from .layout import TYPE_DIRS, CheckpointType
 from .manifest import Manifest
-from .strict_json import iso_time, parse_time
+from .strict_json import CheckpointFormatError, iso_time, load_json_object, parse_time
 
 RUN_FILE = "run.json"
+#: The most bytes a ``run.json`` may hold (a real one is well under 10 KiB): a larger one is refused unread.
+MAX_RUN_BYTES = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,18 +142,38 @@ class TrainingRun:
             The run.
 
         Raises:
-            ValueError: ``raw`` is not JSON, lacks a required key or holds a value of the wrong type.
+            CheckpointFormatError: (a ``ValueError``) naming ``source``: ``raw`` is larger than
+                :data:`MAX_RUN_BYTES`, is not strict JSON (or nested too deeply), lacks a required key or holds a
+                value of the wrong type.
         """
+        data = load_json_object(raw, MAX_RUN_BYTES, f"Invalid run metadata {source}")
         try:
-            data = json.loads(raw)
+            for key, types in _RUN_TYPES.items():
+                if type(data[key]) not in types:
+                    raise TypeError(f"{key} is {type(data[key]).__name__}, expected {types[0].__name__}")
+            user_metadata = data.get("user_metadata")
+            if user_metadata is not None and type(user_metadata) is not dict:
+                raise TypeError(f"user_metadata is {type(user_metadata).__name__}, expected dict")
             return cls(
                 run_id=data["run_id"],
                 base_model=data["base_model"],
                 base_model_fingerprint=data["base_model_fingerprint"],
-                lora_rank=int(data["lora_rank"]),
-                lora_config=dict(data["lora_config"]),
+                lora_rank=data["lora_rank"],
+                lora_config=data["lora_config"],
                 created_at=parse_time(data["created_at"]),
-                user_metadata=dict(data.get("user_metadata") or {}),
+                user_metadata=user_metadata or {},
             )
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"Invalid run metadata {source}: {err}") from err
+            what = f"no key {err}" if isinstance(err, KeyError) else str(err)[:200]
+            raise CheckpointFormatError(f"Invalid run metadata {source}: {what}") from err
+
+
+#: The types of the required keys of ``run.json``.
+_RUN_TYPES: dict[str, tuple[type, ...]] = {
+    "run_id": (str,),
+    "base_model": (str,),
+    "base_model_fingerprint": (str,),
+    "lora_rank": (int,),
+    "lora_config": (dict,),
+    "created_at": (str,),
+}

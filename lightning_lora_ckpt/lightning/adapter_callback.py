@@ -88,6 +88,24 @@ class LoRAAdapterCheckpointing(Callback):
             ) from None
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        io = lora_checkpoint_io(trainer)
+        if self.binding is not None and io is not None:
+            io.fitting = True  # saves may run in the background from now on
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        io = lora_checkpoint_io(trainer)
+        if io is not None:
+            io.fitting = False  # saves after fit commit before they return
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        io = lora_checkpoint_io(trainer)
+        if io is not None:
+            io.fitting = False
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """After the run the plugin's ``load_checkpoint`` returns adapters under PEFT's key names again (saves
         still pick the bound adapter: ``trainer.save_checkpoint`` after fit works)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Literal
 
@@ -10,9 +11,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from ..format.layout import CheckpointType
+from ..format.strict_json import CheckpointFormatError
 from ..format.ttl import parse_duration
+from ..storage.read import read_manifest
 from ..storage.store import CheckpointStore
 from .checkpoint_io import LoRACheckpointIO
+
+log = logging.getLogger(__name__)
 
 Kind = Literal["sampler", "state", "both"]
 Cadence = Literal["periodic", "rolling", "final"]
@@ -84,7 +89,9 @@ class PeriodicCheckpoint(Callback):
     - *final*: ``final`` (of ``kind``) when fit ends.
 
     TTLs come from a ``CheckpointTTL`` callback if the trainer has one. A name that already exists (a
-    step replayed after a resume) is replaced. ``trainer.fit(model, ckpt_path="last")`` resumes from the run's
+    step replayed after a resume) is replaced, unless that checkpoint is published: then that save is
+    skipped with a warning naming it (the published checkpoint keeps its bytes, its TTL and its public
+    flag), and no rolling or ``keep_last`` deletion ever deletes a published checkpoint. ``trainer.fit(model, ckpt_path="last")`` resumes from the run's
     newest committed training checkpoint (whichever callback wrote it). It works beside Lightning's
     ``ModelCheckpoint`` (``enable_checkpointing`` on or off).
     """
@@ -152,21 +159,47 @@ class PeriodicCheckpoint(Callback):
             periodic = periodic or elapsed
         if periodic:
             self._last_time = time.monotonic()
-            self._save(trainer, f"{step:06d}", _TYPES[self.kind], "periodic")
+            name = f"{step:06d}"
+            self._save(trainer, name, self._unpublished(trainer, name, _TYPES[self.kind]), "periodic")
             self._prune(trainer)
         rolling_due = self.rolling_every_n_steps and step % self.rolling_every_n_steps == 0
         if rolling_due and not (periodic and "training" in _TYPES[self.kind]):
-            previous, self.rolling = self.rolling, f"rolling-{step:06d}"
-            self._save(trainer, self.rolling, ("training",), "rolling")
+            name = f"rolling-{step:06d}"
+            if not self._unpublished(trainer, name, ("training",)):
+                return  # the previous rolling checkpoint stays the rolling one
+            previous, self.rolling = self.rolling, name
+            self._save(trainer, name, ("training",), "rolling")
             if previous:
                 trainer.strategy.remove_checkpoint(checkpoint_io(trainer).resolve(previous, "training"))
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.save_final:
-            self._save(trainer, "final", _TYPES[self.kind], "final")
+            self._save(trainer, "final", self._unpublished(trainer, "final", _TYPES[self.kind]), "final")
 
     # -- saving -----------------------------------------------------------------------------------
+    @staticmethod
+    def _unpublished(trainer: Trainer, name: str, types: tuple[CheckpointType, ...]) -> tuple[CheckpointType, ...]:
+        """The types of ``types`` whose checkpoint ``name`` is not published (decided on rank 0, broadcast).
+
+        A published checkpoint is never replaced (the storage would refuse it): its save is skipped, with a
+        warning naming it.
+        """
+        io = checkpoint_io(trainer)
+        keep = types
+        if trainer.is_global_zero:
+            published = [t for t in types if _is_published(io, io.resolve(name, t))]
+            for checkpoint_type in published:
+                log.warning(
+                    "PeriodicCheckpoint: not saving %s checkpoint %s: %s is published and is never replaced "
+                    "(a step replayed after a resume); it is left as it is",
+                    checkpoint_type,
+                    name,
+                    io.resolve(name, checkpoint_type),
+                )
+            keep = tuple(t for t in types if t not in published)
+        return tuple(trainer.strategy.broadcast(keep))
+
     def _save(self, trainer: Trainer, name: str, types: tuple[CheckpointType, ...], cadence: Cadence) -> None:
         if cadence == "periodic":  # recorded first, so the training checkpoint's own callback state lists it
             for checkpoint_type in types:
@@ -192,3 +225,11 @@ class PeriodicCheckpoint(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = {t: list(v) for t, v in state_dict["saved"].items()}
         self.rolling = state_dict.get("rolling")
+
+
+def _is_published(io: LoRACheckpointIO, uri: str) -> bool:
+    """Whether a committed checkpoint at ``uri`` is published (none there, or unreadable: not published)."""
+    try:
+        return read_manifest(uri, io.storage_options).public
+    except (CheckpointFormatError, OSError):  # the storage itself refuses to replace a published checkpoint
+        return False

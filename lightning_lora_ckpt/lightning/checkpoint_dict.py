@@ -10,7 +10,7 @@ training checkpoint whose remaining entries are the training state.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
 
 import lightning
 import peft
@@ -20,6 +20,7 @@ from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
 
 from ..format.layout import CheckpointType
 from ..format.manifest import BaseModelRef
@@ -209,7 +210,7 @@ class AdapterBinding:
                     f"The LoRA adapter of {what} sets {option}={getattr(config, option)!r}: fully trained module "
                     "copies are not part of a LoRA checkpoint. Add those modules to target_modules instead"
                 )
-        base = model.get_base_model()
+        base = cast(PreTrainedModel, model.get_base_model())
         name = config.base_model_name_or_path or getattr(base.config, "_name_or_path", "") or "unknown"
         dtype = next((p.dtype for p in base.parameters() if p.is_floating_point()), None)
         return cls(module, model, base_reference(base, name, _quantization(base)), None, dtype)

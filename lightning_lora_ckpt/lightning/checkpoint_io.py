@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -20,10 +21,11 @@ from ..format.layout import CheckpointType
 from ..format.manifest import MANIFEST, FileEntry, Manifest
 from ..format.payload import CheckpointPayload
 from ..format.records import RUN_FILE, TrainingRun
-from ..format.strict_json import utcnow
+from ..format.strict_json import CheckpointFormatError, utcnow
 from ..storage.commit import commit_checkpoint, delete_checkpoint, write_if_absent
 from ..storage.fs import CheckpointWriteError, storage_errors, url_to_fs
 from ..storage.loading import open_checkpoint
+from ..storage.read import read_manifest
 from .async_io import AsyncSaves
 from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened, payload_from_checkpoint, versions
 from .fabric_support import from_fabric, is_fabric_state, to_fabric
@@ -42,17 +44,20 @@ class LoRACheckpointIO(CheckpointIO):
     Args:
         root: where bare checkpoint names and ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
         run_id: the run bare names are saved under (a fresh ``run-<time>-<hex>`` id if None).
-        async_save: copy the tensors to the CPU in a background thread while the next training step
-            computes (its optimizer update waits for the copy), then write them in another; saves
-            commit in order, errors surface at the next save or at the end of fit.
+        async_save: while a Trainer fits (and under Fabric), copy the tensors to the CPU in a background
+            thread while the next training step computes (its optimizer update waits for the copy), then
+            write them in another; saves commit in order, errors surface at the next save or at the end
+            of fit. Saves outside fit (e.g. ``trainer.save_checkpoint`` after it) commit before returning.
         storage_options: fsspec options for the root's filesystem (e.g. S3 credentials or endpoint; on
             ``s3://`` the retry and timeout settings of ``config_kwargs`` default to
             ``storage.fs.S3_CONFIG_DEFAULTS``).
         on_error: what a save or deletion does when the storage keeps failing after its retries
             (:class:`~lightning_lora_ckpt.CheckpointWriteError`): ``"raise"`` (at once when
             synchronous, else at the next save or the end of fit), or ``"warn"``: log a warning and
-            keep training. Either way the failed checkpoint is never visible, and a deletion queued
-            after a failed save (a rolling or ``keep_last`` one) is skipped, so older ones stay.
+            keep training. Either way the failed checkpoint is never visible, and while the last save of
+            a type (training or sampler) has failed, deletions of checkpoints of that type (a rolling or
+            ``keep_last`` one) are skipped, so older ones stay: a failed training save followed by a
+            sampler save that succeeds never lets the last training checkpoint go.
 
     ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
     "overwrite": ...}``. Saving to an existing name replaces it atomically, as Lightning does, except a
@@ -80,12 +85,18 @@ class LoRACheckpointIO(CheckpointIO):
         self.storage_options = dict(storage_options or {})
         self.on_error = on_error
         self._async = AsyncSaves(self._run) if async_save else None
-        self._write_failed = False
+        #: Whether the last save of each type failed: deletions of that type are skipped while it has.
+        self._save_failed: dict[CheckpointType, bool] = {"training": False, "sampler": False}
+        #: The types of the saves queued and not yet run, in order (they run in this order).
+        self._queued_types: collections.deque[CheckpointType] = collections.deque()
         #: The adapter saves pick out (bound by the plugin's callback at setup, or by :meth:`bind` for Fabric).
         self.adapter_binding: AdapterBinding | None = None
         #: The module loads restore into, while a Trainer runs (or for Fabric); loads give it its parameter names.
         self.bound_module: torch.nn.Module | None = None
         self._fabric_key: str | None = None
+        #: Set by the plugin's callback: True while a Trainer fits, False once a fit has ended (saves then commit
+        #: before they return); None for an IO no Trainer has used (direct calls, Fabric: asynchronous).
+        self.fitting: bool | None = None
         install_last_checkpoint_lookup(LoRACheckpointIO)
 
     # -- naming -----------------------------------------------------------------------------------
@@ -159,7 +170,8 @@ class LoRACheckpointIO(CheckpointIO):
                 checkpoint = from_fabric(checkpoint, self.adapter_binding, self._fabric_key)
             else:  # Lightning's dict (weights_only saves call no callback hook: the adapter is picked out here)
                 self.adapter_binding.to_checkpoint(checkpoint)
-        payload = payload_from_checkpoint(checkpoint, defer_copy=self._async is not None)
+        background = self._background()
+        payload = payload_from_checkpoint(checkpoint, defer_copy=background is not None)
         uri = self.resolve(path, payload.checkpoint_type)
         checkpoint_layout = layout.split_checkpoint_uri(uri)
         if not checkpoint_layout:
@@ -177,8 +189,9 @@ class LoRACheckpointIO(CheckpointIO):
         def commit() -> Manifest:
             return self._commit(payload, uri, ttl_seconds, overwrite)
 
-        if self._async is not None:
-            self._async.save(payload, commit)
+        self._queued_types.append(payload.checkpoint_type)  # taken by _run, which runs saves in this order
+        if background is not None:
+            background.save(payload, commit)
         else:
             self._run(commit, True)
 
@@ -209,8 +222,11 @@ class LoRACheckpointIO(CheckpointIO):
     def remove_checkpoint(self, path: _PATH) -> None:
         """Delete a whole checkpoint directory, after every write queued before it has committed.
 
-        If the save queued last before it failed, the deletion is skipped: the checkpoint it would
-        replace stays.
+        Skipped (with a warning), so that the checkpoint stays:
+
+        - while the last save of its type (training or sampler) queued before it has failed: a deletion
+          only follows the commit of the checkpoint that replaces it;
+        - if it is published (``CheckpointStore.publish``): rotations never delete a published checkpoint.
         """
 
         text = os.fspath(path)
@@ -219,15 +235,29 @@ class LoRACheckpointIO(CheckpointIO):
             return
 
         def delete() -> None:
-            if self._write_failed:
-                log.warning("Not deleting checkpoint %s: the save before it failed", os.fspath(path))
-                return
             with storage_errors("delete checkpoint", os.fspath(path)):
                 uri = self.resolve_existing(path)  # here, so the lookup sees every earlier queued save
+                try:
+                    manifest: Manifest | None = read_manifest(uri, self.storage_options)
+                except CheckpointFormatError:  # nothing committed there (leftovers are still removed)
+                    manifest = None
+            in_layout = layout.split_checkpoint_uri(uri)
+            kind = manifest.checkpoint_type if manifest else in_layout[2] if in_layout else None
+            if any(self._save_failed[t] for t in ((kind,) if kind else tuple(self._save_failed))):
+                log.warning(
+                    "Not deleting checkpoint %s: the last %s save before it failed, so it may be the newest one left",
+                    os.fspath(path),
+                    kind or "checkpoint",
+                )
+                return
+            if manifest is not None and manifest.public:
+                log.warning("Not deleting checkpoint %s: it is published (unpublish it to let it be deleted)", uri)
+                return
             delete_checkpoint(uri, self.storage_options)
 
-        if self._async is not None:
-            self._async.submit(delete, is_save=False)
+        background = self._background()
+        if background is not None:
+            background.submit(delete, is_save=False)
         else:
             self._run(delete, False)
 
@@ -254,22 +284,41 @@ class LoRACheckpointIO(CheckpointIO):
         if self._async is not None:
             self._async.wait()
 
+    def _background(self) -> AsyncSaves | None:
+        """Where saves and deletions run: in the background, except after a Trainer's fit has ended: then now,
+        after every earlier queued job, so that a save after ``fit`` has committed when it returns."""
+        if self._async is None:
+            return None
+        if self.fitting is not False or self._fabric_key is not None:
+            return self._async
+        self._async.wait()
+        return None
+
     def _run(self, job: Callable[[], Any], is_save: bool) -> Any:
-        """Run one commit or deletion; a failed save stops later queued deletions (older checkpoints stay)."""
+        """Run one commit or deletion; a failed save stops later deletions of its type (older checkpoints stay)."""
+        kind = (self._queued_types.popleft() if self._queued_types else None) if is_save else None
         try:
             result = job()
         except CheckpointWriteError as err:
-            self._write_failed = self._write_failed or is_save
+            self._record_save(is_save, kind, failed=True)
             if self.on_error == "raise":
                 raise
             log.warning("%s; training continues (LoRACheckpointIO on_error='warn')", err)
             return None
         except BaseException:
-            self._write_failed = self._write_failed or is_save
+            self._record_save(is_save, kind, failed=True)
             raise
-        if is_save:
-            self._write_failed = False
+        self._record_save(is_save, kind, failed=False)
         return result
+
+    def _record_save(self, is_save: bool, kind: CheckpointType | None, failed: bool) -> None:
+        """Record how the last save of ``kind`` ended (a save of unknown type: a failure counts for both)."""
+        if not is_save:
+            return
+        if kind is not None:
+            self._save_failed[kind] = failed
+        elif failed:
+            self._save_failed = {t: True for t in self._save_failed}
 
     def _commit(
         self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool | None

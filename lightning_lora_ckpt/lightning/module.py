@@ -19,7 +19,14 @@ from typing_extensions import override
 
 from ..format.layout import CheckpointType, validate_name
 from ..modeling.base import float_dtype, load_base_model, load_tokenizer, require_bitsandbytes
-from ..modeling.peft_adapter import adapter_config_of, adapter_state_dict, base_reference, frozen_memo, new_peft_model
+from ..modeling.peft_adapter import (
+    adapter_config_of,
+    adapter_state_dict,
+    base_reference,
+    check_servable_config,
+    frozen_memo,
+    new_peft_model,
+)
 from ..modeling.sampling import SamplingClient, snapshot_identity
 from ..storage.loading import open_checkpoint
 from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened
@@ -197,11 +204,14 @@ class LoRAModule(LightningModule):
         return adapter_state_dict(self.model)
 
     def load_adapter(self, state_dict: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
-        """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set.
+        """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set, or a config
+        whose tensors assume a base PEFT changed (``init_lora_weights="pissa"``, ...: see
+        ``modeling.peft_adapter.check_servable_config``; this module's base is never changed).
 
         Raises:
             ValueError: naming what differs.
         """
+        check_servable_config(lora["adapter_config"], lora.get("source", "the checkpoint"))
         self.adapter_binding.load(state_dict, lora, self, self._strategy_model())
 
     def _strategy_model(self) -> Any:
@@ -225,6 +235,8 @@ class LoRAModule(LightningModule):
                 f"{type(io).__name__}; create the Trainer with plugins=[LoRACheckpointIO(root=...)]"
             )
         validate_name(name, "checkpoint name")
+        if io.adapter_binding is None:  # a plugin no fit has bound yet (e.g. swapped in after fit)
+            io.adapter_binding = self.adapter_binding
         options = {"ttl_seconds": ttl_seconds} if ttl_seconds is not None else None
         trainer.save_checkpoint(name, weights_only=checkpoint_type == "sampler", storage_options=options)
         return trainer.strategy.broadcast(io.resolve(name, checkpoint_type))
@@ -275,6 +287,7 @@ class LoRAModule(LightningModule):
         quantized as it was in training unless ``quantization`` says otherwise (None: full precision).
         """
         opened = open_checkpoint(uri, root, storage_options, with_state=with_optimizer)
+        check_servable_config(opened.adapter_config, opened.uri)  # before any base is built
         manifest = opened.manifest
         checkpoint = checkpoint_from_opened(opened)
         config = opened.adapter_config

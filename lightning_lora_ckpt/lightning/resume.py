@@ -21,7 +21,7 @@ from ..storage.store import CheckpointStore
 _MARK = "_lora_ckpt_last_lookup"
 
 
-def install_last_checkpoint_lookup(io_type: type) -> None:
+def install_last_checkpoint_lookup(io_type: type[Any]) -> None:
     """Make ``ckpt_path="last"`` resolve through the store for Trainers whose checkpoint plugin is an
     ``io_type`` (``LoRACheckpointIO``: it has ``root``, ``run_id`` and ``storage_options``); idempotent."""
     original = _CheckpointConnector._parse_ckpt_path

@@ -3,14 +3,21 @@
 Built-in names build a randomly initialised model from a config with a fixed seed, so the same name
 always gives the same base weights without any download; they share the tokenizer shipped in
 ``assets/tokenizer``. Any base can be loaded quantized with bitsandbytes (``nf4`` or ``int8``, QLoRA).
+
+A base's name often comes from a checkpoint's manifest, which anyone may have written, so loading one never
+runs code it ships: configs, models and tokenizers load with ``trust_remote_code=False``, and weights only
+from safetensors files (a pickled ``.bin`` is refused, never unpickled), unless the caller opts in.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +31,8 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from ..format.strict_json import CheckpointFormatError
 
 TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "tokenizer"
 BUILTIN_INIT_SEED = 0
@@ -94,25 +103,32 @@ def is_builtin(name_or_path: str) -> bool:
     return name_or_path in BUILTIN_MODELS
 
 
-def load_config(name_or_path: str, revision: str | None = None) -> PretrainedConfig:
+def load_config(name_or_path: str, revision: str | None = None, *, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model config of a built-in name, HF id or local directory.
 
     Args:
         name_or_path: a built-in name, HF id or local HF model directory.
         revision: the Hub revision (ignored for built-in names).
+        trust_remote_code: run the Python code a base ships for its config (``auto_map``); only for a base
+            you trust, never for one a checkpoint names.
 
     Returns:
         The config; a built-in one has ``_name_or_path`` set to the name.
 
     Raises:
         OSError: transformers finds no config for ``name_or_path``.
+        CheckpointFormatError: the base needs its own code and ``trust_remote_code`` is False.
     """
     if is_builtin(name_or_path):
         model_type, overrides = BUILTIN_MODELS[name_or_path]
         config = AutoConfig.for_model(model_type, **overrides)
         config._name_or_path = name_or_path
         return config
-    return AutoConfig.from_pretrained(name_or_path, revision=revision)
+    return _without_remote_code(
+        name_or_path,
+        trust_remote_code,
+        lambda: AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=trust_remote_code),
+    )
 
 
 def load_base_model(
@@ -120,6 +136,9 @@ def load_base_model(
     dtype: torch.dtype | str = torch.float32,
     revision: str | None = None,
     quantization: str | None = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """Load (or, for a built-in name, deterministically build) the frozen base causal LM.
 
@@ -133,6 +152,10 @@ def load_base_model(
         dtype: ``float32``, ``bfloat16`` or ``float16``, as a torch dtype or its name.
         revision: the Hub revision (ignored for built-in names).
         quantization: ``"nf4"``, ``"int8"`` or None (full precision).
+        trust_remote_code: run the Python code a base ships (``auto_map``); only for a base you trust, never
+            for one a checkpoint names.
+        allow_pickle: also load pickled (``.bin``) weights, which can run code when unpickled; only for a
+            base you trust. By default only safetensors weights load.
 
     Returns:
         The causal LM, on the CPU.
@@ -141,13 +164,28 @@ def load_base_model(
         ValueError: ``dtype`` or ``quantization`` is not supported.
         ImportError: ``quantization`` is set and bitsandbytes is not installed.
         OSError: transformers finds no model at ``name_or_path``.
+        CheckpointFormatError: (a ``ValueError``) the base needs its own code and ``trust_remote_code`` is
+            False, or a local base holds no safetensors weights and ``allow_pickle`` is False.
     """
     dtype = float_dtype(dtype, "dtype")
     bnb_config = quantization_config(quantization, dtype)
     if not is_builtin(name_or_path):
+        if not allow_pickle:
+            _require_safetensors(name_or_path)
         # device_map="cpu": quantize where every base is built; Lightning moves the module to its device.
         quantized = {"quantization_config": bnb_config, "device_map": "cpu"} if bnb_config else {}
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, revision=revision, **quantized)
+        model = _without_remote_code(
+            name_or_path,
+            trust_remote_code,
+            lambda: AutoModelForCausalLM.from_pretrained(
+                name_or_path,
+                dtype=dtype,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_pickle else True,
+                **quantized,
+            ),
+        )
         return _without_cpu_repacking(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_INIT_SEED)
@@ -277,23 +315,85 @@ def _without_cpu_repacking(model: PreTrainedModel) -> PreTrainedModel:
 
 
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(name_or_path: str, revision: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str, revision: str | None = None, *, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """The tokenizer of a base model; built-in names use the tokenizer shipped with this package.
 
-    Results are cached per (name_or_path, revision).
+    Results are cached per (name_or_path, revision, trust_remote_code).
 
     Args:
         name_or_path: a built-in name, HF id or local HF model directory.
         revision: the Hub revision (ignored for built-in names).
+        trust_remote_code: run the Python code a base ships for its tokenizer; only for a base you trust.
 
     Returns:
         The tokenizer.
 
     Raises:
         OSError: transformers finds no tokenizer at ``name_or_path``.
+        CheckpointFormatError: the tokenizer needs its own code and ``trust_remote_code`` is False.
     """
     source = str(TOKENIZER_DIR) if is_builtin(name_or_path) else name_or_path
-    return AutoTokenizer.from_pretrained(source, revision=None if is_builtin(name_or_path) else revision)
+    return _without_remote_code(
+        name_or_path,
+        trust_remote_code,
+        lambda: AutoTokenizer.from_pretrained(
+            source, revision=None if is_builtin(name_or_path) else revision, trust_remote_code=trust_remote_code
+        ),
+    )
+
+
+#: The weight files of a local base that load without unpickling (what ``save_pretrained`` writes).
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+#: The most bytes of a local base's ``config.json`` read to check where it points for its weights.
+_MAX_CONFIG_BYTES = 16 << 20
+
+
+def _require_safetensors(name_or_path: str) -> None:
+    """Refuse a local base directory whose weights would load only by unpickling (``.bin``) files.
+
+    Hub ids are loaded with ``use_safetensors=True``, which downloads and reads safetensors files only.
+    """
+    if not os.path.isdir(name_or_path):
+        return
+    fix = (
+        "pickled weights can run code when loaded, and a base's name may come from a checkpoint anyone wrote. "
+        "If you trust this base, convert it once (AutoModelForCausalLM.from_pretrained(path).save_pretrained(path) "
+        "writes model.safetensors) or load it yourself with allow_pickle=True"
+    )
+    if not any(os.path.isfile(os.path.join(name_or_path, name)) for name in _SAFE_WEIGHTS):
+        raise CheckpointFormatError(
+            f"Base model {name_or_path!r} has no safetensors weights ({' or '.join(_SAFE_WEIGHTS)}); refusing to "
+            f"load it: {fix}"
+        )
+    config_path = os.path.join(name_or_path, "config.json")
+    named = None
+    if os.path.isfile(config_path):
+        with open(config_path, "rb") as f, contextlib.suppress(ValueError):
+            config = json.loads(f.read(_MAX_CONFIG_BYTES))
+            named = config.get("transformers_weights") if isinstance(config, dict) else None
+    if named is not None and not (
+        isinstance(named, str) and named.endswith((".safetensors", ".safetensors.index.json"))
+    ):
+        raise CheckpointFormatError(
+            f"Base model {name_or_path!r}: its config.json names transformers_weights={str(named)[:100]!r}, not a "
+            f"safetensors file; refusing to load it: {fix}"
+        )
+
+
+def _without_remote_code(name_or_path: str, trust_remote_code: bool, load: Callable[[], Any]) -> Any:
+    """Run ``load``; transformers' refusal to run a base's own code becomes a one-line error with the fix."""
+    try:
+        return load()
+    except ValueError as err:
+        if trust_remote_code or "trust_remote_code" not in str(err):
+            raise
+        raise CheckpointFormatError(
+            f"Base model {name_or_path!r} needs Python code of its own to load (auto_map in its config); this package "
+            "never runs code a base directory or a checkpoint ships. Use a base whose model type transformers knows, "
+            "or, only if you trust it, load it yourself with trust_remote_code=True"
+        ) from None
 
 
 def config_fingerprint(config: PretrainedConfig) -> str:

@@ -26,20 +26,74 @@ LORA_FIELDS = frozenset(f.name for f in dataclasses.fields(LoraConfig))
 LORA_IDENTITY = ("r", "lora_alpha", "target_modules", "use_rslora", "use_dora")
 
 
-def saved_lora_config(adapter_config: dict[str, Any]) -> LoraConfig:
+#: ``init_lora_weights`` values that only choose how training starts (served as saved: initialisation is off).
+PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+#: Settings that only configure an initialisation, dropped with it.
+_INIT_ONLY = ("loftq_config", "eva_config", "corda_config", "lora_ga_config")
+
+
+def check_servable_config(adapter_config: dict[str, Any], source: str = "the checkpoint") -> None:
+    """Refuse a saved PEFT config that would change the frozen base when its adapter is added, or whose tensors
+    only make sense on a base PEFT changed.
+
+    Refused: an ``init_lora_weights`` other than a bool, ``"gaussian"``, ``"eva"``, ``"orthogonal"`` or
+    ``"mica"`` (``"pissa"``, ``"pissa_niter_<n>"``, ``"olora"``, ``"corda"``, ``"lora_ga"`` subtract the adapter's
+    start from the base weights, ``"loftq"`` replaces them by a quantized residual); ``kasa_config`` (KaSA
+    truncates the base weights); ``layer_replication`` (duplicates base layers); ``bias`` other than ``"none"``
+    (the adapter carries base biases); ``modules_to_save`` and ``trainable_token_indices`` (copies of base
+    modules and embedding rows, not LoRA).
+
+    Args:
+        adapter_config: the PEFT config, as ``adapter_config.json`` holds it.
+        source: the checkpoint's URI, for the message.
+
+    Raises:
+        ValueError: naming the setting, its value and the fix.
+    """
+
+    def refuse(key: str, why: str) -> ValueError:
+        value = str(adapter_config.get(key))[:80]
+        return ValueError(f"Checkpoint {source} has {key}={value}: {why}; it is not loaded, nothing was changed")
+
+    init = adapter_config.get("init_lora_weights")
+    if init is not None and type(init) is not bool and not (isinstance(init, str) and init.lower() in PLAIN_INITS):
+        raise refuse(
+            "init_lora_weights",
+            "its tensors assume a base PEFT modified at initialisation (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ) or an "
+            "unknown initialisation, and serving them on the original base would be wrong. A PiSSA/OLoRA adapter "
+            "must be converted to a plain LoRA before saving, with PEFT's save_pretrained(..., "
+            "path_initial_model_for_weight_conversion=<the base as it was before initialisation>)",
+        )
+    if adapter_config.get("kasa_config") is not None:
+        raise refuse("kasa_config", "KaSA truncates the frozen base weights when its adapter is added")
+    if adapter_config.get("layer_replication"):
+        raise refuse("layer_replication", "PEFT would duplicate layers of the base model")
+    if adapter_config.get("bias") not in (None, "none"):
+        raise refuse("bias", "the adapter carries bias vectors of the base; loading it would overwrite the base")
+    for key in ("modules_to_save", "trainable_token_indices"):
+        if adapter_config.get(key):
+            raise refuse(key, "copies of base modules or embedding rows are not part of a LoRA adapter")
+
+
+def saved_lora_config(adapter_config: dict[str, Any], source: str = "the checkpoint") -> LoraConfig:
     """The ``LoraConfig`` of a saved ``adapter_config.json``, for loading its tensors (inference mode).
 
-    Initialisation is switched off: the tensors are loaded right after, and some initialisations
-    (``init_lora_weights="pissa"``, ``"olora"``, ...) rewrite the frozen base weights.
+    A config that would change the base is refused (:func:`check_servable_config`); initialisation is
+    switched off (the tensors are loaded right after) and the settings of the initialisation dropped.
 
     Args:
         adapter_config: the PEFT config, as ``adapter_config.json`` holds it; keys ``LoraConfig`` lacks are
             ignored.
+        source: the checkpoint's URI, for error messages.
 
     Returns:
         The ``LoraConfig``.
+
+    Raises:
+        ValueError: the config would change the base, naming the setting.
     """
-    settings = {k: v for k, v in adapter_config.items() if k in LORA_FIELDS}
+    check_servable_config(adapter_config, source)
+    settings = {k: v for k, v in adapter_config.items() if k in LORA_FIELDS and k not in _INIT_ONLY}
     return LoraConfig(**{**settings, "inference_mode": True, "init_lora_weights": False})
 
 
@@ -103,15 +157,16 @@ def build_peft_model(
         The model (eval mode, nothing trainable) and the reference of the base actually loaded.
 
     Raises:
-        ValueError: the base is not the checkpoint's, the tensors do not fit the config, or ``dtype`` or
-            ``quantization`` is not supported.
+        ValueError: the config would change the base (:func:`check_servable_config`), the base is not the
+            checkpoint's, the tensors do not fit the config, or ``dtype`` or ``quantization`` is not supported.
         ImportError: ``quantization`` is set and bitsandbytes is not installed.
     """
+    lora_config = saved_lora_config(adapter_config, source)  # refused before any base is loaded
     name = name_or_path or base_model.name_or_path
     base = load_base_model(name, dtype=dtype, revision=adapter_config.get("revision"), quantization=quantization)
     loaded = base_reference(base, name, quantization)
     base_model.check_compatible(loaded, source)
-    model = new_peft_model(base, saved_lora_config(adapter_config), name, seed=0)
+    model = new_peft_model(base, lora_config, name, seed=0)
     load_adapter_tensors(model, adapter, source)
     model.requires_grad_(False)
     return model.eval(), loaded

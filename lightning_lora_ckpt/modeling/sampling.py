@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from ..format.manifest import BaseModelRef, Manifest
 from ..storage.loading import open_checkpoint
 from .base import load_tokenizer
-from .peft_adapter import LORA_FIELDS, adapter_state_dict, build_peft_model, saved_lora_config
+from .peft_adapter import LORA_FIELDS, adapter_state_dict, build_peft_model, check_adapter_tensors, saved_lora_config
 
 #: ``quantization`` of :meth:`SamplingClient.from_checkpoint` that rebuilds the base as it was in training.
 AS_TRAINED = "as-trained"
@@ -151,8 +151,9 @@ class SamplingClient:
 
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-            ValueError: ``base_model`` is not the checkpoint's base, or ``dtype`` or ``quantization`` is not
-                supported.
+            ValueError: ``base_model`` is not the checkpoint's base, the checkpoint's config would change the
+                base (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation, KaSA, ...), or ``dtype`` or ``quantization``
+                is not supported.
             ImportError: the base is to be quantized and bitsandbytes is not installed.
         """
         opened = open_checkpoint(uri, root, storage_options)
@@ -178,7 +179,9 @@ class SamplingClient:
 
         An adapter with the current one's LoRA config (e.g. a later checkpoint of the same run) is copied
         into the current adapter's tensors; any other is added next to it, switched to, and the old one
-        deleted. Either way nothing changes unless the whole new adapter fits.
+        deleted. Either way nothing changes unless the whole new adapter fits, and the base weights never
+        change: a config that would make PEFT change them (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA initialisation,
+        KaSA, layer replication, base biases) is refused, and only the adapter's own tensors are written.
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://``).
@@ -190,10 +193,11 @@ class SamplingClient:
 
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-            ValueError: the checkpoint was trained on another base, or its tensors do not fit its config.
+            ValueError: the checkpoint was trained on another base, its config would change the base, or its
+                tensors do not fit its config.
         """
         opened = open_checkpoint(uri, root, storage_options, base_model=self.base_model)
-        lora_config = saved_lora_config(opened.adapter_config)
+        lora_config = saved_lora_config(opened.adapter_config, opened.uri)  # refused here: nothing changed yet
         if not self._copy_into_active(lora_config, opened.adapter):
             self._add_and_switch(lora_config, opened.adapter, opened.uri)
         self.identity = checkpoint_identity(opened.uri, opened.manifest)
@@ -220,6 +224,10 @@ class SamplingClient:
         name = f"adapter{self._adapters}"
         try:
             self.model.add_adapter(name, config)
+            # Exactly the new adapter's own keys and shapes: PEFT's loader would also load any other key of the
+            # file (a base weight) into the model.
+            expected = {k: tuple(v.shape) for k, v in adapter_state_dict(self.model, name).items()}
+            check_adapter_tensors(expected, state, uri)
             result: Any = set_peft_model_state_dict(self.model, state, adapter_name=name)  # peft: `-> namedtuple`
             if any(name in key for key in result.missing_keys):
                 raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -12,15 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fsspec.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
 
 from ..format.layout import join
-from ..format.manifest import MANIFEST
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from .commit import open_protocol
 from .fs import url_to_fs
+from .local import apply_umask
 from .read import check_file, read_manifest
 
 #: Called with (file name, bytes done, bytes total) while downloading.
 Progress = Callable[[str, int, int], None]
+#: The most bytes ``extract_archive`` writes by default (all members together).
+MAX_EXTRACT_BYTES = 64 << 30
+#: The most members an archive may hold (a checkpoint has five files).
+MAX_EXTRACT_MEMBERS = 1000
 
 
 def download(
@@ -75,6 +82,7 @@ def download(
                 progress(name, size, size)
         if os.path.exists(target):
             os.rmdir(target)
+        apply_umask(staging)
         os.rename(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -86,6 +94,11 @@ def archive(
     uri: str, tar_path: str, storage_options: Mapping[str, Any] | None = None, progress: Progress | None = None
 ) -> str:
     """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI).
+
+    An existing archive at ``tar_path`` is replaced only by a complete one: locally the archive is written and
+    fsynced as a hidden sibling renamed over ``tar_path``; elsewhere it is built in a local temporary file and
+    then uploaded in one ``put`` (object stores make an object visible only once its upload completes; on
+    other remote filesystems a failed upload may leave a partial file, as their ``put`` does).
 
     Args:
         uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
@@ -100,52 +113,145 @@ def archive(
     Raises:
         CheckpointFormatError: there is no checkpoint at ``uri``, or a file is missing, unsafe or differs
             from the manifest.
+        OSError: writing the archive failed (e.g. the disk is full); an archive already at ``tar_path`` is
+            left as it was, and no partial file is left locally.
     """
+    fs, path = url_to_fs(tar_path, storage_options)
     with tempfile.TemporaryDirectory() as tmp:
         local = download(uri, os.path.join(tmp, "checkpoint"), storage_options, progress)
-        fs, path = url_to_fs(tar_path, storage_options)
-        with (
-            fs.open(path, "wb") as f,
-            tarfile.open(fileobj=f, mode="w:gz" if tar_path.endswith("gz") else "w") as tar,
-        ):
-            for name in sorted(os.listdir(local)):
-                tar.add(os.path.join(local, name), arcname=name, recursive=False)
+        if isinstance(fs, LocalFileSystem):
+            _write_local_tar(local, path, tar_path.endswith("gz"))
+        else:
+            staged = os.path.join(tmp, "archive.tar")
+            with open(staged, "wb") as f:
+                _write_tar(local, f, tar_path.endswith("gz"))
+            fs.put_file(staged, path)
     return tar_path
 
 
-def extract_archive(
-    tar_path: str, output_dir: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
-) -> str:
-    """Safely extract a checkpoint archive: only regular files directly inside ``output_dir``.
+def _write_tar(directory: str, f: Any, gz: bool) -> None:
+    """Write the files of ``directory`` (sorted, at the archive's top level) as a tar into file object ``f``."""
+    with tarfile.open(fileobj=f, mode="w:gz" if gz else "w") as tar:
+        for name in sorted(os.listdir(directory)):
+            tar.add(os.path.join(directory, name), arcname=name, recursive=False)
 
-    Refuses symlinks, hard links, devices, absolute paths and ``..`` escapes before writing anything.
+
+def _write_local_tar(directory: str, path: str, gz: bool) -> None:
+    """Write the tar as a hidden, fsynced sibling of local ``path`` and rename it into place."""
+    target = os.path.abspath(path)
+    parent, name = os.path.split(target)
+    if os.path.isdir(target):
+        raise IsADirectoryError(f"{target} is a directory; give the archive a file name such as {name}.tar")
+    os.makedirs(parent, exist_ok=True)
+    fd, staged = tempfile.mkstemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write_tar(directory, f, gz)
+            f.flush()
+            os.fsync(f.fileno())
+            mask = os.umask(0)
+            os.umask(mask)
+            os.fchmod(f.fileno(), 0o666 & ~mask)  # mkstemp makes it private; an archive is an ordinary file
+        os.replace(staged, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staged)
+        raise
+
+
+def extract_archive(
+    tar_path: str,
+    output_dir: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
+    max_bytes: int = MAX_EXTRACT_BYTES,
+) -> str:
+    """Safely extract a checkpoint archive: only regular files directly inside a new or empty ``output_dir``.
+
+    Everything is checked from the archive's headers before anything is written: symlinks, hard links,
+    devices, absolute paths, ``..`` escapes and duplicate names are refused, and so is an archive whose
+    members add up to more than ``max_bytes``, or (when it holds a ``checkpoint.json``) to more than the
+    manifest lists. The files are extracted into a hidden sibling renamed into place once complete, so a
+    failure (a full disk) leaves nothing at ``output_dir``.
 
     Args:
         tar_path: the archive (any fsspec URI or local path; ``.tar`` or compressed).
-        output_dir: the local directory to extract into; it is created if needed.
+        output_dir: the local directory to extract into: absent (it is created) or empty.
         storage_options: fsspec options of the archive's filesystem.
+        max_bytes: the most bytes the members may hold in all (default :data:`MAX_EXTRACT_BYTES`, 64 GiB).
 
     Returns:
         The absolute path of ``output_dir``.
 
     Raises:
-        ValueError: a member is not a regular file or would land outside ``output_dir``.
+        ValueError: a member is not a regular file, would land outside ``output_dir`` or repeats a name; the
+            members are larger than ``max_bytes`` or the manifest lists; or ``tar_path`` is not a tar archive.
+        CheckpointFormatError: (a ``ValueError``) the archive's ``checkpoint.json`` is invalid.
+        FileExistsError: ``output_dir`` exists and is not an empty directory.
         FileNotFoundError: there is no file at ``tar_path``.
-        tarfile.ReadError: ``tar_path`` is not a tar archive.
     """
     target = os.path.abspath(output_dir)
+    if os.path.lexists(target) and (not os.path.isdir(target) or os.listdir(target)):
+        raise FileExistsError(
+            f"Refusing to extract {tar_path}: {target} exists and is not an empty directory; "
+            "choose an empty or new output directory"
+        )
     fs, path = url_to_fs(tar_path, storage_options)
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
-        members = tar.getmembers()
-        for member in members:
-            resolved = os.path.abspath(os.path.join(target, member.name))
-            if not member.isfile():
-                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} is not a regular file")
-            if os.path.isabs(member.name) or os.path.dirname(resolved) != target:
-                raise ValueError(f"Refusing to extract {tar_path}: {member.name!r} would land outside {target}")
-        os.makedirs(target, exist_ok=True)
-        tar.extractall(target, members=members, filter="data")
+    with fs.open(path, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r:*") as tar:
+                members = _checked_members(tar, tar_path, target, max_bytes)
+                parent = os.path.dirname(target)
+                os.makedirs(parent, exist_ok=True)
+                staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.extract-", dir=parent)
+                try:
+                    tar.extractall(staging, members=members, filter="data")
+                    apply_umask(staging)
+                    if os.path.exists(target):
+                        os.rmdir(target)  # empty (checked above); fails if something appeared meanwhile
+                    os.rename(staging, target)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+        except tarfile.TarError as err:
+            raise ValueError(f"Refusing to extract {tar_path}: not a readable tar archive ({err})") from err
     return target
+
+
+def _checked_members(tar: tarfile.TarFile, tar_path: str, target: str, max_bytes: int) -> list[tarfile.TarInfo]:
+    """The members of ``tar``, each checked as soon as its header is read (never reading past a refused one)."""
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"Refusing to extract {tar_path}: {why}")
+
+    members: list[tarfile.TarInfo] = []
+    names: set[str] = set()
+    total = 0
+    while (member := tar.next()) is not None:
+        resolved = os.path.abspath(os.path.join(target, member.name))
+        if not member.isfile():
+            raise refuse(f"{member.name[:200]!r} is not a regular file")
+        if os.path.isabs(member.name) or os.path.dirname(resolved) != target:
+            raise refuse(f"{member.name[:200]!r} would land outside {target}")
+        name = os.path.basename(resolved)
+        if name in names:
+            raise refuse(f"{name[:200]!r} appears twice (a later copy would replace the first)")
+        names.add(name)
+        total += member.size
+        if total > max_bytes:
+            raise refuse(f"its members hold more than max_bytes={max_bytes} bytes; pass a larger max_bytes if expected")
+        if len(members) >= MAX_EXTRACT_MEMBERS:
+            raise refuse(f"it holds more than {MAX_EXTRACT_MEMBERS} members, far more than a checkpoint has")
+        members.append(member)
+    manifest = next((m for m in members if os.path.basename(os.path.normpath(m.name)) == MANIFEST), None)
+    if manifest is not None:
+        if manifest.size > MAX_MANIFEST_BYTES:
+            raise refuse(f"its {MANIFEST} has {manifest.size} bytes, more than the {MAX_MANIFEST_BYTES} allowed")
+        reader = tar.extractfile(manifest)
+        raw = reader.read(MAX_MANIFEST_BYTES + 1) if reader else b""
+        listed = Manifest.from_json(raw, f"{tar_path}:{MANIFEST}").size_bytes + manifest.size
+        if total > listed:
+            raise refuse(f"its members hold {total} bytes, more than the {listed} its {MANIFEST} lists")
+    return members
 
 
 class _ProgressCallback(Callback):

@@ -244,6 +244,16 @@ def install_dir(tmp: str, path: str) -> None:
             LocalFileSystem().rm(previous, recursive=True)
 
 
+def apply_umask(directory: str) -> None:
+    """Give a finished directory (made private by ``tempfile.mkdtemp``) and its files the permissions the user's
+    umask gives new files, so that another account (an inference server) can read what was written."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for name in os.listdir(directory):
+        os.chmod(os.path.join(directory, name), 0o666 & ~mask)
+
+
 def remove_local_dir(path: str) -> None:
     """Delete a local file or directory by renaming it to a hidden ``.deleting-`` sibling first.
 

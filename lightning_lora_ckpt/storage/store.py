@@ -8,13 +8,13 @@ import logging
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
 from ..format.layout import KIND_DIRS, CheckpointType, default_root, join, resolve, validate_name
-from ..format.manifest import MANIFEST, Manifest
-from ..format.records import RUN_FILE, Checkpoint, TrainingRun
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, TrainingRun
 from ..format.strict_json import CheckpointFormatError, utcnow
 from ..format.ttl import parse_duration
 from ..policy.retention import checkpoint_order, expired, newest
@@ -103,6 +103,15 @@ class CheckpointStore:
         self._protocol = protocol_for(self.fs)
 
     # -- listing ----------------------------------------------------------------------------------
+    def root_exists(self) -> bool:
+        """Whether the root exists: a local directory, or an object-store prefix (or bucket) holding anything.
+
+        Returns:
+            True if the root exists (an empty listing of it then means it holds no checkpoints).
+        """
+        self.fs.invalidate_cache(self._root_path)
+        return bool(self.fs.isdir(self._root_path))
+
     def _uri(self, *parts: str) -> str:
         return join(self.root, *parts)
 
@@ -117,17 +126,20 @@ class CheckpointStore:
     def list_runs(self) -> list[TrainingRun]:
         """Every run under the root (a folder with a ``run.json``), oldest first.
 
+        A run whose ``run.json`` is invalid, too large or unsafe to read is left out with a logged warning
+        (:meth:`get_run` on it raises the error), so one bad run never hides the others.
+
         Returns:
             The runs, each with its newest training and sampler checkpoints.
-
-        Raises:
-            ValueError: a ``run.json`` is invalid.
         """
         runs = []
         for run_id in self._run_ids():
             if RUN_FILE not in self._names(run_id):
                 continue
-            runs.append(self.get_run(run_id))
+            try:
+                runs.append(self.get_run(run_id))
+            except (CheckpointFormatError, KeyError) as err:  # KeyError: deleted since the listing
+                log.warning("Skipping run %r under %s: %s", run_id, self.root, err)
         return sorted(runs, key=lambda r: r.created_at)
 
     def get_run(self, run_id: str) -> TrainingRun:
@@ -141,12 +153,17 @@ class CheckpointStore:
 
         Raises:
             KeyError: there is no run ``run_id`` (no ``run.json``) under the root.
-            ValueError: ``run_id`` is not a valid run id, or its ``run.json`` is invalid.
+            ValueError: ``run_id`` is not a valid run id.
+            CheckpointFormatError: (a ``ValueError``) its ``run.json`` is invalid, larger than
+                :data:`~lightning_lora_ckpt.format.records.MAX_RUN_BYTES` (never read past that) or, locally, not
+                a regular file inside the run's folder.
         """
         validate_name(run_id, "run id")
         source = self._uri(run_id, RUN_FILE)
+        run_path = join(self._root_path, run_id)
         try:
-            raw = self.fs.cat_file(join(self._root_path, run_id, RUN_FILE))
+            self._protocol.check_member(self._uri(run_id), run_path, RUN_FILE)
+            raw = self.fs.cat_file(join(run_path, RUN_FILE), start=0, end=MAX_RUN_BYTES + 1)
         except FileNotFoundError:
             raise KeyError(f"No run {run_id!r} under {self.root} ({source} does not exist)") from None
         run = TrainingRun.from_json(raw, source)
@@ -191,8 +208,10 @@ class CheckpointStore:
 
     def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
         run_path = join(self._root_path, run_id)
-        manifests = [p for p in found if _is_manifest_path(p, run_path)]
-        contents = self.fs.cat_ranges(manifests, [None] * len(manifests), [None] * len(manifests), on_error="return")
+        manifests = [p for p in found if _is_manifest_path(p, run_path) and self._safe_manifest(p)]
+        # At most one byte past the cap: a huge file posing as a manifest is refused without being read.
+        ends = [MAX_MANIFEST_BYTES + 1] * len(manifests)
+        contents = self.fs.cat_ranges(manifests, [0] * len(manifests), ends, on_error="return")
         checkpoints = []
         for path, raw in zip(manifests, contents, strict=True):
             kind_dir, name = path.rsplit("/", 3)[-3:-1]
@@ -204,6 +223,14 @@ class CheckpointStore:
                 continue  # a damaged manifest is reported by verify(), never offered for resume
             checkpoints.append(Checkpoint.from_manifest(manifest, self._uri(run_id, kind_dir, name)))
         return sorted(checkpoints, key=checkpoint_order)
+
+    def _safe_manifest(self, path: str) -> bool:
+        """Whether a listed manifest may be read (locally: a regular file, not a FIFO or a link out)."""
+        try:
+            self._protocol.check_member(path, path.rsplit("/", 1)[0], MANIFEST)
+        except CheckpointFormatError:
+            return False  # verify() on the checkpoint reports it
+        return True
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> CheckpointPage:
         """Checkpoints of every run, newest first, one page at a time.
@@ -371,7 +398,11 @@ class CheckpointStore:
         return checkpoint
 
     def gc(
-        self, dry_run: bool = False, now: datetime | None = None, incomplete_after: float | str = INCOMPLETE_AFTER
+        self,
+        dry_run: bool = False,
+        now: datetime | None = None,
+        incomplete_after: float | str = INCOMPLETE_AFTER,
+        only: Collection[str] | None = None,
     ) -> list[Checkpoint]:
         """Delete expired checkpoints and return them (``dry_run``: only return them).
 
@@ -379,10 +410,15 @@ class CheckpointStore:
         writes left behind (see :meth:`incomplete`) is removed too, once its newest file is older than
         ``incomplete_after`` on the real clock (``now`` only decides expiry), so a save in flight survives.
 
+        To delete exactly what a dry run showed (e.g. after asking), pass ``only``: the paths of its
+        checkpoints and of the leftovers :meth:`incomplete` listed. Those still due are deleted, nothing else
+        (one published or made the newest meanwhile is kept).
+
         Args:
             dry_run: delete nothing; only return what would be deleted.
             now: the time expiry is judged at (default: the current time).
             incomplete_after: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
+            only: if given, the URIs (``Checkpoint.path``, :meth:`incomplete`'s URIs) that may be deleted.
 
         Returns:
             The expired checkpoints deleted (or, with ``dry_run``, to be deleted).
@@ -397,6 +433,10 @@ class CheckpointStore:
             found = self._scan(run_id)
             doomed += expired(self._checkpoints(run_id, found), now)
             leftovers.update(self._leftovers(run_id, found, incomplete_after))
+        if only is not None:
+            allowed = set(only)
+            doomed = [c for c in doomed if c.path in allowed]
+            leftovers = {unit: m for unit, m in leftovers.items() if self._uri_of(unit) in allowed}
         if not dry_run:
             for checkpoint in doomed:
                 delete_checkpoint(checkpoint.path, self.storage_options)

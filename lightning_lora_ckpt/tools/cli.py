@@ -14,11 +14,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from rich.prompt import Confirm
 from rich.table import Table
 
-from ..format.layout import ROOT_ENV
+from ..format.layout import ROOT_ENV, default_root
 from ..format.records import Checkpoint
 from ..format.strict_json import iso_time
 from ..storage.archive import extract_archive
-from ..storage.store import CheckpointStore
+from ..storage.fs import CheckpointWriteError
+from ..storage.store import INCOMPLETE_AFTER, CheckpointStore
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -91,7 +92,14 @@ def _progress_bar(console: Console, enabled: bool) -> Iterator[Callable[[str, in
 
 
 def _confirm(args: argparse.Namespace, question: str) -> None:
-    if not args.yes and not Confirm.ask(question, default=False):
+    if args.yes:
+        return
+    if not sys.stdin or not sys.stdin.isatty():  # no one to ask: never read an answer from a pipe or a closed stdin
+        raise RuntimeError(
+            f"aborted: {args.command} asks for confirmation and stdin is not a terminal; pass -y to {args.command} "
+            "without asking"
+        )
+    if not Confirm.ask(question, default=False):
         raise RuntimeError("aborted (pass -y to skip this question)")
 
 
@@ -110,7 +118,13 @@ def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console)
     Raises:
         KeyError: ``run_id`` names no run.
         ValueError: an invalid run id, ``--limit`` or ``--offset``.
+        FileNotFoundError: the root does not exist.
     """
+    if not store.root_exists():  # a mistyped --root is an error, not an empty table
+        raise FileNotFoundError(
+            f"No checkpoint root at {store.root}: it does not exist (nothing was saved there yet?); "
+            f"check --root or ${ROOT_ENV}"
+        )
     if args.run_id:
         store.get_run(args.run_id)  # an unknown run is an error, not an empty table
         checkpoints = store.list_checkpoints(args.run_id)
@@ -235,20 +249,29 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
         console: where human-readable output goes.
 
     Returns:
-        What ``--json`` prints: ``dry_run`` and the records of the (to be) deleted checkpoints.
+        What ``--json`` prints: ``dry_run``, the records of the (to be) deleted checkpoints and the URIs of the
+        (to be) removed leftovers.
 
     Raises:
-        RuntimeError: the confirmation was declined.
+        RuntimeError: the confirmation was declined, or cannot be asked (stdin is not a terminal, no ``-y``).
         CheckpointWriteError: the storage kept failing.
     """
     planned = store.gc(dry_run=True)
-    if planned and not args.dry_run:
-        _confirm(args, f"Delete {len(planned)} expired checkpoint(s)?")
-        planned = store.gc()
+    leftovers = store.incomplete(INCOMPLETE_AFTER)
+    if (planned or leftovers) and not args.dry_run:
+        listed = [c.path for c in planned] + leftovers
+        _confirm(
+            args,
+            f"Delete {len(planned)} expired checkpoint(s) and {len(leftovers)} leftover(s) of interrupted writes: "
+            f"{', '.join(listed)}?",
+        )
+        planned = store.gc(only=listed)  # exactly what was listed (those still due), never more
     if not args.json:
         verb = "would delete" if args.dry_run else "deleted"
         console.print(_checkpoint_table(f"gc {verb} {len(planned)} checkpoint(s)", planned))
-    return {"dry_run": args.dry_run, "deleted": [c.to_dict() for c in planned]}
+        if leftovers:
+            console.print(f"gc {'would remove' if args.dry_run else 'removed'} {len(leftovers)} leftover(s)")
+    return {"dry_run": args.dry_run, "deleted": [c.to_dict() for c in planned], "leftovers": leftovers}
 
 
 def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
@@ -426,6 +449,34 @@ def cmd_merge(store: CheckpointStore, args: argparse.Namespace, console: Console
     return _say(args, console, None, f"merged {uri} into {path}", path=path)
 
 
+def _one_line(err: BaseException, root: str) -> str:
+    """An error as one line. The errors this package raises carry the thing and the fix and are printed as
+    they are; any other (a storage error: credentials, an endpoint, the network) gets its type and a hint."""
+    message = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    if isinstance(err, ImportError):
+        message = message or f"a package is missing ({err.name})"
+    elif not isinstance(err, _EXPLAINED) or not message:
+        message = (
+            f"{type(err).__name__}: {message or 'no message'} (reaching {root}: check --root, --storage-options "
+            "(endpoint, credentials) and the network; --debug shows the traceback)"
+        )
+    message = " ".join(message.split())  # storage errors may span lines
+    return message if len(message) <= 1000 else message[:997] + "..."
+
+
+#: Errors whose message names the thing and the fix (those this package raises).
+_EXPLAINED = (
+    KeyError,
+    ValueError,
+    RuntimeError,
+    FileExistsError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    CheckpointWriteError,
+)
+
+
 def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:
     if not args.json:
         console.print(message, highlight=False)
@@ -448,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", default=None, help=f"checkpoint root URI (default: ${ROOT_ENV} or ./checkpoints)")
     common.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options as JSON")
     common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, handler: Any, help: str, *positional: str) -> argparse.ArgumentParser:
@@ -508,8 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``lightning-lora-ckpt`` command.
 
     ``fit``, ``validate``, ``test`` and ``predict`` run LightningCLI; every other command manages
-    checkpoints. A ``KeyError``, ``ValueError``, ``OSError`` or ``RuntimeError`` of a management command
-    is printed as ``error: ...`` on stderr instead of a traceback.
+    checkpoints. Any error of a management command (bad input, a damaged checkpoint, and storage errors:
+    missing credentials, an unreachable endpoint, a filesystem package not installed) is printed as one
+    ``error: ...`` line on stderr instead of a traceback; ``--debug`` shows the traceback instead.
 
     Args:
         argv: the arguments after the program name, or None for ``sys.argv[1:]``.
@@ -531,9 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         console = Console(width=200)
     try:
         result = args.handler(CheckpointStore(args.root, args.storage_options), args, console)
-    except (KeyError, ValueError, OSError, RuntimeError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"error: {message}", file=sys.stderr)
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"error: {_one_line(err, default_root(args.root))}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(result, indent=2))

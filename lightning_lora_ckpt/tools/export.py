@@ -39,7 +39,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from ..format.manifest import ADAPTER_CONFIG, BaseModelRef
 from ..modeling.base import config_fingerprint, float_dtype, is_builtin, load_base_model, load_config, load_tokenizer
 from ..storage.loading import open_checkpoint
-from ..storage.local import install_dir
+from ..storage.local import apply_umask, install_dir
 
 log = logging.getLogger(__name__)
 
@@ -468,6 +468,7 @@ def merge_adapter(
     try:
         _write_shards(tmp, base, deltas, dtype, max_shard_size, progress)
         _save_metadata(tmp, name_or_path, config, skeleton, dtype, base.weights_dir, revision)
+        apply_umask(tmp)
         install_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -50,13 +50,20 @@ class Source:
         return {k: v + version for k, v in self.training["state_dict"].items()}
 
 
-def build_source() -> Source:
-    """The checkpoint dicts of a tiny ``LoRAModule`` trained for two steps."""
+def build_source(root: str) -> Source:
+    """The checkpoint dicts of a tiny ``LoRAModule`` trained for two steps, as the plugin saves them: with the
+    adapter its binding picks out (a plugin under ``root``, which saves nothing, holds the binding)."""
     module = LoRAModule(**MODULE_KWARGS)
-    trainer = make_trainer(max_steps=2)
+    io = LoRACheckpointIO(root=root, run_id="source", async_save=False)
+    trainer = make_trainer(io, max_steps=2)
     trainer.fit(module, batch_loader(2))
     connector = trainer._checkpoint_connector
-    return Source(connector.dump_checkpoint(weights_only=False), connector.dump_checkpoint(weights_only=True))
+    training, sampler = connector.dump_checkpoint(weights_only=False), connector.dump_checkpoint(weights_only=True)
+    binding = getattr(io, "adapter_binding", None)
+    if binding is not None and "lora_ckpt" not in training:  # the plugin adds the adapter entry when it saves
+        binding.to_checkpoint(training, "training")
+        binding.to_checkpoint(sampler, "sampler")
+    return Source(training, sampler)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +82,12 @@ class Save:
         return f"{self.run_id}/{uris.TYPE_DIRS[self.kind]}/{self.name}{' (overwrite)' if self.overwrite else ''}"
 
 
+def forked_child() -> None:
+    """First thing in a forked child: no OpenMP threads. The parent's GNU OpenMP pool does not survive a fork,
+    and the child's first parallel torch op would wait on its barrier for ever."""
+    torch.set_num_threads(1)
+
+
 def save(root: str, options: dict[str, Any], item: Save, checkpoint: dict[str, Any], version: int) -> None:
     """Save ``checkpoint`` through the real plugin path, tagged with its version."""
     io = LoRACheckpointIO(root=root, run_id=item.run_id, async_save=False, storage_options=options)
@@ -90,6 +103,7 @@ def save_plan(
     they spread over the saves rather than the set-up of a new S3 session after the fork. ``end`` reports
     the seconds from ready to the last commit (the process's exit, which can take long, is left out).
     """
+    forked_child()
     try:
         CheckpointStore(root, options).list_runs()
         os.write(fd, b"ready\n")
@@ -192,6 +206,7 @@ def _write(
     root: str, options: dict[str, Any], plan: list[tuple[Save, int]], source: Source, barrier: Any, fd: int
 ) -> None:
     """Child process: wait for the other writer, then save ``plan``; report each outcome on the pipe ``fd``."""
+    forked_child()
     barrier.wait()
     for item, version in plan:
         try:

@@ -4,13 +4,15 @@ STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with g
 `lightning-fsdp2` save Lightning's default way instead (TorchCheckpointIO; ModelParallelStrategy's
 distributed checkpoint) to ROOT/RUN/default, for benchmarks/distributed_bytes.py. Each step sees the
 same 4 examples whatever the world size (4 per process alone, 2 per process with two), so every
-strategy computes the same updates. Saves training checkpoint `step<N>` at the end.
+strategy computes the same updates. Saves training checkpoint `step<N>` at the end. With USER_MODULE=1 the
+module is a user's own LightningModule (tests/helpers/user_module.py), saved with `trainer.save_checkpoint`.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -55,7 +57,14 @@ def main() -> None:
     }[strategy_name]
     default = strategy_name.startswith("lightning-")
     L.seed_everything(0)
-    module = LoRAModule(os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=4, alpha=8, learning_rate=1e-2)
+    user_module = os.environ.get("USER_MODULE") == "1"
+    if user_module:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+        from helpers.user_module import UserLoRAModule
+
+        module: L.LightningModule = UserLoRAModule(dropout=0.0)
+    else:
+        module = LoRAModule(os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=4, alpha=8, learning_rate=1e-2)
     io = None if default else LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
     trainer = L.Trainer(
         accelerator=os.environ.get("ACCELERATOR", "cpu"),
@@ -72,6 +81,8 @@ def main() -> None:
     trainer.fit(module, datamodule=Examples(), ckpt_path=ckpt_path)
     if default:
         trainer.save_checkpoint(os.path.join(root, run_id, "default"))
+    elif user_module:
+        trainer.save_checkpoint(f"step{steps}")
     else:
         module.save_state(f"step{steps}")
 
