@@ -177,3 +177,51 @@ _RUN_TYPES: dict[str, tuple[type, ...]] = {
     "lora_config": (dict,),
     "created_at": (str,),
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Cursor:
+    """Where a page of :meth:`CheckpointStore.list_user_checkpoints` sits in the whole listing.
+
+    Attributes:
+        offset: the index of the page's first checkpoint in the whole listing.
+        limit: the page size asked for.
+        total_count: how many checkpoints the whole listing holds.
+    """
+
+    offset: int
+    limit: int
+    total_count: int
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPage:
+    """One page of :meth:`CheckpointStore.list_user_checkpoints`.
+
+    Attributes:
+        checkpoints: at most ``limit`` checkpoints, newest first.
+        cursor: where the page sits in the whole listing.
+    """
+
+    checkpoints: list[Checkpoint]
+    cursor: Cursor
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyReport:
+    """Result of :meth:`CheckpointStore.verify`: ``problems`` is empty when every file matches the manifest.
+
+    Attributes:
+        path: the checkpoint's URI.
+        files: the size of each file the manifest lists, by file name.
+        problems: one message per damaged file, or for contents that do not decode.
+    """
+
+    path: str
+    files: dict[str, int]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        """Whether the checkpoint is intact (no problems)."""
+        return not self.problems

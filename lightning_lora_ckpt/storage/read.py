@@ -12,6 +12,7 @@ from typing import Any
 
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
+from ..format.records import VerifyReport
 from ..format.strict_json import CheckpointFormatError
 from .commit import CommitProtocol, open_protocol
 
@@ -100,3 +101,27 @@ def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str)
             f"Checkpoint {uri} is damaged: {name} has {size} bytes and sha256 {sha256[:12]}, "
             f"the manifest says {expected.size} bytes and {expected.sha256[:12]}"
         )
+
+
+def verify_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+    """Check every file of the checkpoint at ``uri`` against the manifest's size and sha256, then that it decodes
+    (checksums alone do not catch a forged manifest); damage is reported, not raised.
+
+    Raises:
+        CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+    """
+    manifest = read_manifest(uri, storage_options)
+    problems, files = [], {}
+    for name in manifest.files:
+        try:
+            files.update(read_files(uri, manifest, [name], storage_options))
+        except CheckpointFormatError as err:
+            problems.append(str(err))
+    if not problems:
+        from ..format.payload import CheckpointPayload  # imports torch: not for every command line start-up
+
+        try:
+            CheckpointPayload.from_files(manifest, files, uri).state(uri)
+        except CheckpointFormatError as err:
+            problems.append(str(err))
+    return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)

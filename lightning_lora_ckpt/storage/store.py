@@ -6,77 +6,27 @@ import contextlib
 import dataclasses
 import logging
 import os
-import time
-from collections import defaultdict
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..format.layout import KIND_DIRS, CheckpointType, default_root, join, resolve, validate_name
+from ..format.layout import CheckpointType, default_root, join, resolve, validate_name
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
-from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, TrainingRun
+from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, CheckpointPage, Cursor, TrainingRun, VerifyReport
 from ..format.strict_json import CheckpointFormatError, utcnow
 from ..format.ttl import parse_duration
 from ..policy.retention import checkpoint_order, expired, newest
 from .archive import Progress, archive, download
 from .commit import delete_checkpoint, protocol_for, write_manifest
 from .fs import CheckpointConflictError, url_to_fs
-from .local import TEMP_ENTRY
-from .read import read_files, read_manifest
+from .listing import is_manifest_path, stale_leftovers
+from .read import read_manifest, verify_checkpoint
 
 #: How old the newest file of an interrupted write must be before ``gc`` removes it: far longer than any
 #: live save goes without creating or finishing a file.
 INCOMPLETE_AFTER = "1d"
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Cursor:
-    """Where a page of :meth:`CheckpointStore.list_user_checkpoints` sits in the whole listing.
-
-    Attributes:
-        offset: the index of the page's first checkpoint in the whole listing.
-        limit: the page size asked for.
-        total_count: how many checkpoints the whole listing holds.
-    """
-
-    offset: int
-    limit: int
-    total_count: int
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointPage:
-    """One page of :meth:`CheckpointStore.list_user_checkpoints`.
-
-    Attributes:
-        checkpoints: at most ``limit`` checkpoints, newest first.
-        cursor: where the page sits in the whole listing.
-    """
-
-    checkpoints: list[Checkpoint]
-    cursor: Cursor
-
-
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
-    """Result of :meth:`CheckpointStore.verify`: ``problems`` is empty when every file matches the manifest.
-
-    Attributes:
-        path: the checkpoint's URI.
-        files: the size of each file the manifest lists, by file name.
-        problems: one message per damaged file, or for contents that do not decode.
-    """
-
-    path: str
-    files: dict[str, int]
-    problems: list[str]
-
-    @property
-    def ok(self) -> bool:
-        """Whether the checkpoint is intact (no problems)."""
-        return not self.problems
 
 
 class CheckpointStore:
@@ -208,7 +158,7 @@ class CheckpointStore:
 
     def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
         run_path = join(self._root_path, run_id)
-        manifests = [p for p in found if _is_manifest_path(p, run_path) and self._safe_manifest(p)]
+        manifests = [p for p in found if is_manifest_path(p, run_path) and self._safe_manifest(p)]
         # At most one byte past the cap: a huge file posing as a manifest is refused without being read.
         ends = [MAX_MANIFEST_BYTES + 1] * len(manifests)
         contents = self.fs.cat_ranges(manifests, [0] * len(manifests), ends, on_error="return")
@@ -475,17 +425,7 @@ class CheckpointStore:
         self, run_id: str, found: dict[str, dict[str, Any]], older_than: float | str
     ) -> dict[str, list[str]]:
         """Leftovers in one run's listing whose every entry is dated and older than ``older_than``: path -> entries."""
-        age = float(older_than) if isinstance(older_than, (int, float)) else parse_duration(older_than)
-        if age is None or age < 0:
-            raise ValueError(f"The age of leftovers to remove must be >= 0 seconds or like '1d', got {older_than!r}")
-        cutoff = time.time() - age
-        units = _leftover_units(found, join(self._root_path, run_id), self._protocol.writes_in_place)
-        stale = {}
-        for unit, members in units.items():
-            times = [_modified(found[m]) for m in members]
-            if times and None not in times and max(t for t in times if t is not None) <= cutoff:
-                stale[unit] = members
-        return stale
+        return stale_leftovers(found, join(self._root_path, run_id), self._protocol.writes_in_place, older_than)
 
     def _uri_of(self, path: str) -> str:
         """The URI under the root of a path from this store's filesystem."""
@@ -507,22 +447,7 @@ class CheckpointStore:
             CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
             ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
-        uri = self.resolve(uri)
-        manifest = read_manifest(uri, self.storage_options)
-        problems, files = [], {}
-        for name in manifest.files:
-            try:
-                files.update(read_files(uri, manifest, [name], self.storage_options))
-            except CheckpointFormatError as err:
-                problems.append(str(err))
-        if not problems:  # intact: then it must also decode (checksums alone do not catch a forged manifest)
-            from ..format.payload import CheckpointPayload  # imports torch: not for every command line start-up
-
-            try:
-                CheckpointPayload.from_files(manifest, files, uri).state(uri)
-            except CheckpointFormatError as err:
-                problems.append(str(err))
-        return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)
+        return verify_checkpoint(self.resolve(uri), self.storage_options)
 
     def download(self, uri: str, output_dir: str | os.PathLike[str], progress: Progress | None = None) -> str:
         """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
@@ -569,55 +494,3 @@ def _set_public(manifest: Manifest, public: bool, uri: str) -> Manifest:
     if manifest.public == public:
         raise CheckpointConflictError(f"Checkpoint {uri} is already {'public' if public else 'private'}")
     return dataclasses.replace(manifest, public=public)
-
-
-def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, in_place: bool) -> dict[str, list[str]]:
-    """Group a run's listing into leftovers of interrupted writes: leftover path -> the listed entries in it.
-
-    A hidden temporary entry (:data:`.local.TEMP_ENTRY`) at any depth is one; on object stores, where
-    saves write in place, so is a checkpoint folder without a manifest. Local folders without a manifest
-    were not written by a save (saves rename whole folders into place) and are left alone.
-    """
-    prefix = run_path.rstrip("/") + "/"
-    units: dict[str, list[str]] = defaultdict(list)
-    for path, info in found.items():
-        if not path.startswith(prefix):
-            continue
-        parts = path[len(prefix) :].split("/")
-        temp = next((i for i, part in enumerate(parts) if TEMP_ENTRY.fullmatch(part)), None)
-        if temp is not None:
-            units[prefix + "/".join(parts[: temp + 1])].append(path)
-        elif (
-            in_place
-            and len(parts) > 2
-            and parts[0] in KIND_DIRS
-            and info.get("type") != "directory"
-            and f"{prefix}{parts[0]}/{parts[1]}/{MANIFEST}" not in found
-        ):
-            units[prefix + "/".join(parts[:2])].append(path)
-    return units
-
-
-def _modified(info: dict[str, Any]) -> float | None:
-    """When a listed entry last changed (seconds since the epoch), from the fields fsspec filesystems report.
-
-    Locally that includes the status change time, which a rename updates: a folder just renamed away for
-    deletion counts as fresh.
-    """
-    times = []
-    for key in ("mtime", "created", "LastModified", "last_modified", "updated"):
-        value = info.get(key)
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        if isinstance(value, datetime):
-            times.append(value.timestamp())
-        elif isinstance(value, (int, float)):
-            times.append(float(value))
-    return max(times, default=None)
-
-
-def _is_manifest_path(path: str, run_path: str) -> bool:
-    """Whether ``path`` is ``<run_path>/<kind>/<name>/checkpoint.json`` of a visible checkpoint."""
-    parts = path[len(run_path.rstrip("/")) + 1 :].split("/")
-    return len(parts) == 3 and parts[0] in KIND_DIRS and not parts[1].startswith(".") and parts[2] == MANIFEST
