@@ -86,14 +86,6 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``list``: the checkpoints of one run (oldest first), or one page of every run's (newest first).
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints (``checkpoints``, and ``cursor`` for every run's), else None.
-
     Raises:
         KeyError: ``run_id`` names no run.
         ValueError: an invalid run id, ``--limit`` or ``--offset``.
@@ -124,14 +116,6 @@ def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console)
 def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``info``: a checkpoint's record and manifest (fingerprint, content sha256, files, versions).
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints, else None.
-
     Raises:
         CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
         ValueError: the URI is a malformed ``lora://`` URI.
@@ -157,14 +141,6 @@ def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console)
 def cmd_set_ttl(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``set-ttl``: set (``--ttl``) or remove (``--remove``) a checkpoint's expiry.
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the updated record and a message.
-
     Raises:
         ValueError: not exactly one of ``--ttl`` and ``--remove``, or a duration that is not positive.
         CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
@@ -178,14 +154,6 @@ def cmd_set_ttl(store: CheckpointStore, args: argparse.Namespace, console: Conso
 def cmd_publish(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``publish`` / ``unpublish``: mark a checkpoint public or private.
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the updated record and a message.
-
     Raises:
         CheckpointConflictError: the checkpoint is already public (or private).
         CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
@@ -196,14 +164,6 @@ def cmd_publish(store: CheckpointStore, args: argparse.Namespace, console: Conso
 
 def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``delete``: delete checkpoints, after confirmation unless ``-y``.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the records of the deleted checkpoints.
 
     Raises:
         RuntimeError: the confirmation was declined.
@@ -221,15 +181,6 @@ def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``gc``: delete expired checkpoints and leftovers of interrupted writes, after confirmation unless ``-y``.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: ``dry_run``, the records of the (to be) deleted checkpoints and the URIs of the
-        (to be) removed leftovers.
 
     Raises:
         RuntimeError: the confirmation was declined, or cannot be asked (stdin is not a terminal, no ``-y``).
@@ -256,14 +207,6 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
 def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``download``: copy a checkpoint into a local directory, verifying every file.
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the directory and a message.
-
     Raises:
         FileExistsError: the output directory exists and is not empty.
         CheckpointFormatError: there is no checkpoint at the URI, or a file is missing, unsafe or damaged.
@@ -276,14 +219,6 @@ def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Cons
 def cmd_archive(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``archive``: write a verified checkpoint as a ``.tar`` or ``.tar.gz``.
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the archive's path and a message.
-
     Raises:
         CheckpointFormatError: there is no checkpoint at the URI, or a file is missing, unsafe or damaged.
     """
@@ -295,14 +230,6 @@ def cmd_archive(store: CheckpointStore, args: argparse.Namespace, console: Conso
 def cmd_extract(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``extract``: safely extract a checkpoint archive.
 
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the directory and a message.
-
     Raises:
         ValueError: a member is not a regular file or would land outside the output directory.
         FileNotFoundError: there is no archive at the path.
@@ -313,14 +240,6 @@ def cmd_extract(store: CheckpointStore, args: argparse.Namespace, console: Conso
 
 def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``verify``: check every file against the manifest; a damaged checkpoint sets ``args.exit_code`` to 2.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the path, ``ok``, the file sizes and the problems found.
 
     Raises:
         CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
@@ -337,14 +256,6 @@ def cmd_verify(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``push-hf``: push a checkpoint's PEFT adapter and a model card to the Hugging Face Hub.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the commit URL and a message.
 
     Raises:
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.
@@ -365,14 +276,6 @@ def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Conso
 
 def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``sample``: sample continuations of ``--prompt`` from a checkpoint's adapter.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the adapter's identity and the sampled sequences.
 
     Raises:
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.
@@ -396,14 +299,6 @@ def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 def cmd_merge(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``merge``: fold a checkpoint's LoRA adapter into its base, as a full HF model directory.
-
-    Args:
-        store: the store of ``--root`` and ``--storage-options``.
-        args: the parsed command line.
-        console: where human-readable output goes.
-
-    Returns:
-        What ``--json`` prints: the model directory and a message.
 
     Raises:
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.

@@ -85,6 +85,11 @@ def main() -> None:
         trainer.save_checkpoint(f"step{steps}")
     else:
         module.save_state(f"step{steps}")
+    if torch.distributed.is_initialized():
+        # Leave the gloo group cleanly: its threads still running at interpreter exit abort the process
+        # ("terminate called without an active exception", seen under load).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
