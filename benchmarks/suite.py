@@ -255,12 +255,13 @@ class Suite:
         return {"seconds": seconds}
 
     def save_ours_async(self, i: int) -> dict[str, float]:
-        self.io.async_save = True
+        # As during fit: after a fit has ended the plugin commits saves before returning.
+        self.io.async_save, self.io.fitting = True, True
         try:
             blocked, self.last["save.ours_training_async"] = elapsed(lambda: self.module.save_state(f"async-{i}"))
             committed, _ = elapsed(self.io.wait)
         finally:
-            self.io.async_save = False
+            self.io.async_save, self.io.fitting = False, False
         return {"seconds": blocked, "committed_seconds": blocked + committed}
 
     def save_floor(self, i: int) -> dict[str, float]:

@@ -18,6 +18,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from ..format.layout import CheckpointType
 from ..format.payload import CheckpointPayload
 
 log = logging.getLogger(__name__)
@@ -32,10 +33,11 @@ class AsyncSaves:
     """Background commits of a checkpoint IO: copies staged during the next step, writes in submission order.
 
     Args:
-        run: runs one job of the wrapped IO (a commit or a deletion) with its error bookkeeping.
+        run: runs one job of the wrapped IO (a save of a checkpoint type, or a deletion: None) with its
+            error bookkeeping.
     """
 
-    def __init__(self, run: Callable[[Callable[[], Any], bool], Any]) -> None:
+    def __init__(self, run: Callable[[Callable[[], Any], CheckpointType | None], Any]) -> None:
         self._run = run
         self._writer: ThreadPoolExecutor | None = None
         self._stager: ThreadPoolExecutor | None = None
@@ -56,13 +58,13 @@ class AsyncSaves:
             staged.result()
             return commit()
 
-        self.submit(write, is_save=True)
+        self.submit(write, payload.checkpoint_type)
 
-    def submit(self, job: Callable[[], Any], is_save: bool) -> None:
+    def submit(self, job: Callable[[], Any], saving: CheckpointType | None) -> None:
         """Run ``job`` in the writer thread after every job submitted before it."""
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-writer")
-        self._pending.append(self._writer.submit(self._run, job, is_save))
+        self._pending.append(self._writer.submit(self._run, job, saving))
 
     @property
     def snapshots_pending(self) -> bool:

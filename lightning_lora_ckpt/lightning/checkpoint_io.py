@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -84,11 +83,10 @@ class LoRACheckpointIO(CheckpointIO):
         self.async_save = async_save
         self.storage_options = dict(storage_options or {})
         self.on_error = on_error
-        self._async = AsyncSaves(self._run) if async_save else None
+        self._async = AsyncSaves(self._run)  # idle (no threads) until a save runs in the background
         #: Whether the last save of each type failed: deletions of that type are skipped while it has.
         self._save_failed: dict[CheckpointType, bool] = {"training": False, "sampler": False}
         #: The types of the saves queued and not yet run, in order (they run in this order).
-        self._queued_types: collections.deque[CheckpointType] = collections.deque()
         #: The adapter saves pick out (bound by the plugin's callback at setup, or by :meth:`bind` for Fabric).
         self.adapter_binding: AdapterBinding | None = None
         #: The module loads restore into, while a Trainer runs (or for Fabric); loads give it its parameter names.
@@ -162,8 +160,7 @@ class LoRACheckpointIO(CheckpointIO):
             CheckpointConflictError: the checkpoint at ``path`` is published (never replaced).
             CheckpointWriteError: the storage kept failing (synchronous saves, ``on_error="raise"``).
         """
-        if self._async is not None:
-            self._async.raise_failed()
+        self._async.raise_failed()
         ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
         if self.adapter_binding is not None and LORA_KEY not in checkpoint:
             if self._fabric_key is not None and is_fabric_state(checkpoint):
@@ -189,11 +186,10 @@ class LoRACheckpointIO(CheckpointIO):
         def commit() -> Manifest:
             return self._commit(payload, uri, ttl_seconds, overwrite)
 
-        self._queued_types.append(payload.checkpoint_type)  # taken by _run, which runs saves in this order
         if background is not None:
             background.save(payload, commit)
         else:
-            self._run(commit, True)
+            self._run(commit, payload.checkpoint_type)
 
     @override
     def load_checkpoint(
@@ -257,68 +253,57 @@ class LoRACheckpointIO(CheckpointIO):
 
         background = self._background()
         if background is not None:
-            background.submit(delete, is_save=False)
+            background.submit(delete, None)
         else:
-            self._run(delete, False)
+            self._run(delete, None)
 
     @override
     def teardown(self) -> None:
         """Wait for every pending write; raise the first error."""
-        if self._async is not None:
-            self._async.close()
+        self._async.close()
 
     # -- background writing -----------------------------------------------------------------------
     @property
     def snapshots_pending(self) -> bool:
         """Whether an asynchronous save may still be reading the live adapter and optimizer tensors."""
-        return self._async is not None and self._async.snapshots_pending
+        return self._async.snapshots_pending
 
     def wait_for_snapshots(self) -> None:
         """Block until every asynchronous save queued so far has copied its tensors (optimizer updates
         wait for this by themselves)."""
-        if self._async is not None:
-            self._async.wait_for_snapshots()
+        self._async.wait_for_snapshots()
 
     def wait(self) -> None:
         """Block until every queued save and deletion has finished; raise the first error."""
-        if self._async is not None:
-            self._async.wait()
+        self._async.wait()
 
     def _background(self) -> AsyncSaves | None:
         """Where saves and deletions run: in the background, except after a Trainer's fit has ended: then now,
         after every earlier queued job, so that a save after ``fit`` has committed when it returns."""
-        if self._async is None:
-            return None
-        if self.fitting is not False or self._fabric_key is not None:
+        if self.async_save and (self.fitting is not False or self._fabric_key is not None):
             return self._async
         self._async.wait()
         return None
 
-    def _run(self, job: Callable[[], Any], is_save: bool) -> Any:
-        """Run one commit or deletion; a failed save stops later deletions of its type (older checkpoints stay)."""
-        kind = (self._queued_types.popleft() if self._queued_types else None) if is_save else None
+    def _run(self, job: Callable[[], Any], saving: CheckpointType | None) -> Any:
+        """Run one save of type ``saving`` (or a deletion: None); a failed save stops later deletions of its type,
+        so the older checkpoints it would replace stay."""
         try:
             result = job()
         except CheckpointWriteError as err:
-            self._record_save(is_save, kind, failed=True)
+            if saving is not None:
+                self._save_failed[saving] = True
             if self.on_error == "raise":
                 raise
             log.warning("%s; training continues (LoRACheckpointIO on_error='warn')", err)
             return None
         except BaseException:
-            self._record_save(is_save, kind, failed=True)
+            if saving is not None:
+                self._save_failed[saving] = True
             raise
-        self._record_save(is_save, kind, failed=False)
+        if saving is not None:
+            self._save_failed[saving] = False
         return result
-
-    def _record_save(self, is_save: bool, kind: CheckpointType | None, failed: bool) -> None:
-        """Record how the last save of ``kind`` ended (a save of unknown type: a failure counts for both)."""
-        if not is_save:
-            return
-        if kind is not None:
-            self._save_failed[kind] = failed
-        elif failed:
-            self._save_failed = {t: True for t in self._save_failed}
 
     def _commit(
         self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool | None
