@@ -42,6 +42,6 @@ def make_trainer(io: LoRACheckpointIO | None = None, **kwargs: Any) -> L.Trainer
         "num_sanity_val_steps": 0,
         "deterministic": True,
     }
-    # Lightning refuses a ModelCheckpoint (PeriodicCheckpoint is one) when checkpointing is disabled.
+    # Lightning refuses a ModelCheckpoint when checkpointing is disabled; without one, no default ModelCheckpoint.
     defaults["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in kwargs.get("callbacks", []))
     return L.Trainer(plugins=[io] if io else None, **{**defaults, **kwargs})
