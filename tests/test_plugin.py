@@ -75,6 +75,10 @@ def test_save_last_link_and_several_model_checkpoints(tmp_path: Path) -> None:
     link = tmp_path / "u" / "weights" / "last.ckpt"
     assert link.is_symlink() and os.readlink(link) == "epoch=0-step=4.ckpt"
     assert io.load_checkpoint(str(link))["global_step"] == 4  # the link leads to the checkpoint it names
+    hostile = tmp_path / "u" / "weights" / "other.ckpt"
+    hostile.symlink_to("../../elsewhere/epoch=0-step=4.ckpt")
+    with pytest.raises(ValueError, match="not to a checkpoint beside it"):
+        io.load_checkpoint(str(hostile))
 
 
 def test_exact_resume_in_a_new_process(tmp_path: Path) -> None:

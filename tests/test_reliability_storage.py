@@ -29,6 +29,7 @@ import torch
 
 from helpers.checkpoints import fake_checkpoint
 from helpers.cli import cli
+from helpers.storage import small_tmpfs
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import CheckpointFormatError, CheckpointStore, LoRACheckpointIO, LoRAModule, extract_archive
 from lightning_lora_ckpt.format.adapter_files import check_module_names, encode_adapter
@@ -300,15 +301,8 @@ def small_and_big(tmp_path: Path) -> tuple[CheckpointStore, str, str]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Any:
     """A real 600 KiB tmpfs (needs root and mount permission; skipped otherwise), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)], capture_output=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()[:200]}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "600k") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def fill(disk: Path) -> None:

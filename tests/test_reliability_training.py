@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
+from helpers.storage import small_tmpfs
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import (
     CheckpointStore,
@@ -253,22 +253,8 @@ DISK_SIZE = "300k"
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A real small filesystem (tmpfs), unmounted afterwards; skipped where mounting is not permitted."""
-    mount_point = tmp_path / "disk"
-    mount_point.mkdir()
-    if shutil.which("mount") is None or shutil.which("umount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "tmpfs", str(mount_point)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+    with small_tmpfs(tmp_path / "disk", DISK_SIZE) as disk:
+        yield disk
 
 
 class TrainingCheckpointsSeen(L.Callback):

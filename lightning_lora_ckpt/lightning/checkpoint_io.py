@@ -139,7 +139,12 @@ class LoRACheckpointIO(CheckpointIO):
         a local ``.ckpt`` link (``ModelCheckpoint(save_last="link")``) leads to the checkpoint it names."""
         text = os.fspath(path)
         if text.endswith(CKPT_SUFFIX) and os.path.islink(text):
-            path = os.path.join(os.path.dirname(text), os.readlink(text))
+            target = os.readlink(text)
+            if os.path.basename(target) != target:  # ModelCheckpoint links to a sibling; anything else is not ours
+                raise ValueError(
+                    f"{text} links to {target!r}, not to a checkpoint beside it; load that checkpoint by its path"
+                )
+            path = os.path.join(os.path.dirname(text), target)
         candidates = [self.resolve(path, t) for t in ("training", "sampler")]
         if candidates[0] == candidates[1]:  # a full URI: nothing to look up
             return candidates[0]

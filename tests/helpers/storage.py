@@ -1,4 +1,5 @@
-"""Storage for the tests: an in-memory object store that fails on demand, and a moto S3 server on loopback.
+"""Storage for the tests: an in-memory object store that fails on demand, a moto S3 server on loopback, and a
+small real filesystem (tmpfs) for disk-full cases.
 
 Importing this module registers the ``failingmem://`` protocol with fsspec.
 """
@@ -7,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import fsspec
+import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 
@@ -62,3 +66,22 @@ def moto_s3_server(bucket: str = "ckpts") -> Iterator[dict[str, Any]]:
         yield {"storage_options": options, "client": client, "bucket": bucket}
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. ``"300k"``) mounted at ``mount_point`` (needs root; the test is skipped
+    where mounting is not permitted), unmounted afterwards."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    try:
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command")
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:200]}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
