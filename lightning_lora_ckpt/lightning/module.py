@@ -29,7 +29,7 @@ from ..modeling.peft_adapter import (
 )
 from ..modeling.sampling import SamplingClient, snapshot_identity
 from ..storage.loading import open_checkpoint
-from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened
+from .checkpoint_dict import LORA_KEY, AdapterBinding, check_optimizer_states, checkpoint_from_opened
 from .checkpoint_io import LoRACheckpointIO
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class LoRAModule(LightningModule):
             is served at; a bfloat16 base gets sampler weights of half the bytes). Training checkpoints
             always keep the float32 adapter, so resume is exact.
         revision: HF revision of ``base_model``.
+        allow_pickle: also load a local or Hub base with only pickled (``.bin``) weights, which can run code when
+            unpickled: only for a ``base_model`` you trust. By default only safetensors weights load. Never
+            recorded in checkpoints: ``from_checkpoint`` loads the base a checkpoint names from safetensors only.
 
     Batches are dicts with ``input_ids``, ``target_tokens`` and ``weights`` (and optionally ``attention_mask``).
     """
@@ -96,9 +99,10 @@ class LoRAModule(LightningModule):
         dtype: str = "float32",
         sampler_dtype: str | None = None,
         revision: str | None = None,
+        allow_pickle: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["allow_pickle"])
         try:
             json.dumps(user_metadata or {}, allow_nan=False)
         except (TypeError, ValueError) as err:
@@ -108,7 +112,9 @@ class LoRAModule(LightningModule):
         if _OPTIMIZERS[optimizer]:
             require_bitsandbytes(f"optimizer={optimizer!r}")
         self.sampler_dtype = float_dtype(sampler_dtype or dtype, "sampler_dtype" if sampler_dtype else "dtype")
-        base = load_base_model(base_model, dtype=dtype, revision=revision, quantization=quantization)
+        base = load_base_model(
+            base_model, dtype=dtype, revision=revision, quantization=quantization, allow_pickle=allow_pickle
+        )
         self.base_model_ref = base_reference(base, base_model, quantization)
         lora_config = LoraConfig(
             r=rank,
@@ -189,8 +195,10 @@ class LoRAModule(LightningModule):
             num_training_steps=int(total) if math.isfinite(total) else None,
         )
         if self._restore_optimizer_from is not None:
-            optimizer.load_state_dict(self._restore_optimizer_from["optimizer_states"][0])
-            scheduler.load_state_dict(self._restore_optimizer_from["lr_schedulers"][0])
+            saved = self._restore_optimizer_from
+            check_optimizer_states(saved, [optimizer], 1, self, saved[LORA_KEY]["source"])  # before any change
+            optimizer.load_state_dict(saved["optimizer_states"][0])
+            scheduler.load_state_dict(saved["lr_schedulers"][0])
             self._restore_optimizer_from = None
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -285,14 +293,29 @@ class LoRAModule(LightningModule):
         checkpoints only) restores the optimizer moments and LR schedule when the optimizer is created.
         ``overrides`` replace constructor arguments, e.g. ``learning_rate`` or ``base_model``; the base is
         quantized as it was in training unless ``quantization`` says otherwise (None: full precision).
+        ``allow_pickle=True`` (with ``base_model=``: only for a base you name yourself) lets that base load
+        from pickled weights; the base a checkpoint names always loads from safetensors only.
+
+        Raises:
+            ValueError: ``allow_pickle`` without ``base_model``, or what :meth:`load_adapter` refuses.
+            CheckpointFormatError: the checkpoint is missing, damaged or malformed.
         """
+        if overrides.get("allow_pickle") and "base_model" not in overrides:
+            raise ValueError(
+                "allow_pickle=True is for a base you name yourself: pass base_model= too (the base a checkpoint "
+                "names loads from safetensors weights only)"
+            )
         opened = open_checkpoint(uri, root, storage_options, with_state=with_optimizer)
         check_servable_config(opened.adapter_config, opened.uri)  # before any base is built
         manifest = opened.manifest
         checkpoint = checkpoint_from_opened(opened)
         config = opened.adapter_config
         kwargs: dict[str, Any] = {
-            **{k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")},
+            **{
+                k: v
+                for k, v in checkpoint.get("hyper_parameters", {}).items()
+                if not k.startswith("_") and k != "allow_pickle"  # never the checkpoint's choice
+            },
             "base_model": manifest.base_model.name_or_path,
             "quantization": manifest.base_model.quantization,
             "rank": config["r"],

@@ -141,6 +141,7 @@ def build_peft_model(
     dtype: str | torch.dtype = "float32",
     quantization: str | None = None,
     source: str = "the checkpoint",
+    allow_pickle: bool = False,
 ) -> tuple[PeftModel, BaseModelRef]:
     """Load the base a checkpoint names (or ``name_or_path``, which must have its fingerprint) and the adapter.
 
@@ -152,6 +153,8 @@ def build_peft_model(
         dtype: the base's dtype.
         quantization: ``"nf4"``, ``"int8"`` or None (full precision).
         source: the checkpoint's URI, for error messages.
+        allow_pickle: let ``name_or_path`` load from pickled weights (the caller trusts it); never applies to the
+            base the checkpoint names.
 
     Returns:
         The model (eval mode, nothing trainable) and the reference of the base actually loaded.
@@ -163,7 +166,9 @@ def build_peft_model(
     """
     lora_config = saved_lora_config(adapter_config, source)  # refused before any base is loaded
     name = name_or_path or base_model.name_or_path
-    base = load_base_model(name, dtype=dtype, revision=adapter_config.get("revision"), quantization=quantization)
+    revision = adapter_config.get("revision")
+    pickle_ok = allow_pickle and name_or_path is not None
+    base = load_base_model(name, dtype=dtype, revision=revision, quantization=quantization, allow_pickle=pickle_ok)
     loaded = base_reference(base, name, quantization)
     base_model.check_compatible(loaded, source)
     model = new_peft_model(base, lora_config, name, seed=0)

@@ -134,6 +134,7 @@ class SamplingClient:
         *,
         dtype: str = "float32",
         quantization: str | None = AS_TRAINED,
+        allow_pickle: bool = False,
     ) -> SamplingClient:
         """A client for any sampler or training checkpoint.
 
@@ -145,17 +146,24 @@ class SamplingClient:
             max_seq_len: prompts this long get no samples; longer samples are dropped.
             dtype: dtype of the base's weights.
             quantization: ``"nf4"``, ``"int8"`` or None (full precision); by default as in training.
+            allow_pickle: let the ``base_model`` you name load from pickled (``.bin``) weights, which can run code
+                when unpickled: only for a base you trust. The base a checkpoint names loads from safetensors only.
 
         Returns:
             The client, serving the checkpoint's adapter.
 
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-            ValueError: ``base_model`` is not the checkpoint's base, the checkpoint's config would change the
-                base (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation, KaSA, ...), or ``dtype`` or ``quantization``
-                is not supported.
+            ValueError: ``allow_pickle`` without ``base_model``, ``base_model`` is not the checkpoint's base, the
+                checkpoint's config would change the base (PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA initialisation, KaSA,
+                ...), or ``dtype`` or ``quantization`` is not supported.
             ImportError: the base is to be quantized and bitsandbytes is not installed.
         """
+        if allow_pickle and base_model is None:
+            raise ValueError(
+                "allow_pickle=True is for a base you name yourself: pass base_model= too (the base a checkpoint "
+                "names loads from safetensors weights only)"
+            )
         opened = open_checkpoint(uri, root, storage_options)
         recorded = opened.manifest.base_model
         model, loaded = build_peft_model(
@@ -166,6 +174,7 @@ class SamplingClient:
             dtype=dtype,
             quantization=recorded.quantization if quantization == AS_TRAINED else quantization,
             source=opened.uri,
+            allow_pickle=allow_pickle,
         )
         tokenizer = load_tokenizer(loaded.name_or_path, opened.adapter_config.get("revision"))
         identity = checkpoint_identity(opened.uri, opened.manifest)

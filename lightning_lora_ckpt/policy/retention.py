@@ -49,4 +49,26 @@ def expired(checkpoints: list[Checkpoint], now: datetime) -> list[Checkpoint]:
         The checkpoints to delete (``expires_at`` at or before ``now``, less those kept), in the order given.
     """
     resume_point = newest(checkpoints, "training")
-    return [c for c in checkpoints if c.expires_at and c.expires_at <= now and not c.public and c != resume_point]
+    return [c for c in checkpoints if kept_reason(c, now) is None and c != resume_point]
+
+
+def kept_reason(checkpoint: Checkpoint, now: datetime) -> str | None:
+    """Why ``gc`` keeps a checkpoint whatever else its run holds, or None if it is due at ``now``.
+
+    ``gc`` asks again on the manifest current at the moment of each deletion, so a checkpoint published
+    or given a new TTL since the scan stays.
+
+    Args:
+        checkpoint: a checkpoint record.
+        now: the time expiry is judged at.
+
+    Returns:
+        The reason, for a log line, or None.
+    """
+    if checkpoint.public:
+        return "it is published"
+    if checkpoint.expires_at is None:
+        return "it has no TTL"
+    if checkpoint.expires_at > now:
+        return f"it expires at {checkpoint.expires_at.isoformat()}"
+    return None

@@ -6,7 +6,8 @@ holds the one rule every backend shares: saving over a committed checkpoint need
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import fsspec
@@ -14,29 +15,39 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..format.files import FileContent
 from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.manifest import MANIFEST, Manifest
 from ..format.strict_json import CheckpointFormatError
 from .fs import CheckpointConflictError, storage_errors, url_to_fs
+from .gcs import GCSManifestLastCommit
 from .local import LocalRenameCommit
-from .object_store import ManifestLastCommit, S3ManifestLastCommit
+from .object_store import ManifestLastCommit
 from .protocol import CommitProtocol, MakeManifest
+from .s3 import S3ManifestLastCommit
+
+log = logging.getLogger(__name__)
+
+#: How many times an update or deletion re-reads a manifest that changed under it before giving up.
+UPDATE_ATTEMPTS = 8
 
 
 def protocol_for(fs: fsspec.AbstractFileSystem) -> CommitProtocol:
-    """The commit protocol of a filesystem: local rename, S3 (tagged, conditional) or plain manifest-last.
+    """The commit protocol of a filesystem: local rename, S3 (tagged, conditional), GCS (conditional) or plain
+    manifest-last.
 
     Args:
         fs: an fsspec filesystem.
 
     Returns:
-        :class:`LocalRenameCommit` for a local disk, :class:`S3ManifestLastCommit` for S3, else
-        :class:`ManifestLastCommit`.
+        :class:`LocalRenameCommit` for a local disk, :class:`S3ManifestLastCommit` for S3,
+        :class:`GCSManifestLastCommit` for GCS (gcsfs), else :class:`ManifestLastCommit`.
     """
     if isinstance(fs, LocalFileSystem):
         return LocalRenameCommit(fs)
     protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     if "s3" in protocols:
         return S3ManifestLastCommit(fs)
+    if "gs" in protocols or "gcs" in protocols:
+        return GCSManifestLastCommit(fs)
     return ManifestLastCommit(fs)
 
 
@@ -89,53 +100,89 @@ def commit_checkpoint(
             f"A checkpoint already exists at {uri}; delete it first, save under another name, "
             "or pass storage_options={'overwrite': True} to replace it"
         )
-    if exists:
-        _refuse_to_replace_published(protocol, uri, path)
     return protocol.commit(uri, path, files, make_manifest, replace)
 
 
-def _refuse_to_replace_published(protocol: CommitProtocol, uri: str, path: str) -> None:
-    """A published checkpoint is never replaced: raise :class:`CheckpointConflictError` naming it.
+def update_manifest(
+    uri: str, change: Callable[[Manifest], Manifest], storage_options: Mapping[str, Any] | None = None
+) -> Manifest:
+    """Change the mutable metadata of a committed checkpoint: read its manifest, apply ``change``, and write
+    the result only if the manifest is still the one read (else read it again and retry).
 
-    A manifest that cannot be read is no published checkpoint: it may be replaced.
-    """
-    try:
-        raw = protocol.fs.cat_file(join(path, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
-        public = Manifest.from_json(raw, join(uri, MANIFEST)).public
-    except (FileNotFoundError, CheckpointFormatError):
-        return
-    if public:
-        raise CheckpointConflictError(
-            f"Checkpoint {uri} is published and is never replaced; save under another name, or unpublish it "
-            f"first (lightning-lora-ckpt unpublish {uri})"
-        )
-
-
-def write_manifest(uri: str, manifest: Manifest, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Replace the manifest of a committed checkpoint (its mutable metadata) in one atomic step.
+    Two updates racing both take effect, in some order; an update racing a deletion fails instead of
+    bringing the deleted checkpoint back; one racing an overwrite applies to the new checkpoint.
 
     Args:
         uri: the checkpoint directory's URI.
-        manifest: the new manifest (same files, new metadata).
+        change: makes the new manifest from the current one (may raise to refuse, e.g. "already public").
         storage_options: fsspec options of the filesystem.
-    """
-    protocol, path = open_protocol(uri, storage_options)
-    protocol.write_manifest(path, manifest)
 
-
-def delete_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete the checkpoint directory at ``uri`` so that it is never seen half-deleted.
-
-    Args:
-        uri: the checkpoint directory's URI.
-        storage_options: fsspec options of the filesystem.
+    Returns:
+        The manifest written.
 
     Raises:
+        CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+        CheckpointConflictError: the manifest kept changing under ``UPDATE_ATTEMPTS`` tries.
+        CheckpointWriteError: the storage kept failing.
+    """
+    protocol, path = open_protocol(uri, storage_options)
+    for _ in range(UPDATE_ATTEMPTS):
+        with storage_errors("update checkpoint", uri):
+            current = protocol.read_manifest(uri, path)
+        if current is None:
+            raise CheckpointFormatError(f"No checkpoint at {uri}: {MANIFEST} is missing (deleted, or never committed)")
+        raw, version = current
+        updated = change(Manifest.from_json(raw, join(uri, MANIFEST)))
+        with storage_errors("update checkpoint", uri):
+            if protocol.replace_manifest(path, updated, version):
+                return updated
+    raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was updated; try again")
+
+
+def delete_checkpoint(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    keep: Callable[[Manifest], str | None] | None = None,
+) -> Manifest | None:
+    """Delete the checkpoint directory at ``uri`` so that it is never seen half-deleted.
+
+    ``keep`` is judged on the manifest current at the moment of the deletion (compare-and-swap): a
+    checkpoint published, pinned or given a new TTL since the caller looked at it is kept.
+
+    Args:
+        uri: the checkpoint directory's URI.
+        storage_options: fsspec options of the filesystem.
+        keep: returns why the checkpoint must stay (None: delete it); not called for a folder without a manifest.
+
+    Returns:
+        The manifest of the deleted checkpoint; None if there was none (what was there is removed) or
+        ``keep`` kept it (logged with its reason).
+
+    Raises:
+        CheckpointConflictError: the manifest kept changing under ``UPDATE_ATTEMPTS`` tries.
         CheckpointWriteError: the storage kept failing.
     """
     protocol, path = open_protocol(uri, storage_options)
     with storage_errors("delete checkpoint", uri):
-        protocol.delete(path)
+        for _ in range(UPDATE_ATTEMPTS):
+            current = protocol.read_manifest(uri, path)
+            version = current[1] if current else None
+            manifest = _parsed(uri, current[0]) if current else None
+            reason = keep(manifest) if keep is not None and manifest is not None else None
+            if reason is not None:
+                log.warning("Not deleting checkpoint %s: %s", uri, reason)
+                return None
+            if protocol.delete(path, version):
+                return manifest
+    raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was deleted; try again")
+
+
+def _parsed(uri: str, raw: bytes) -> Manifest | None:
+    """The manifest in ``raw``, or None if it is not a valid one (a damaged checkpoint may still be deleted)."""
+    try:
+        return Manifest.from_json(raw, join(uri, MANIFEST))
+    except CheckpointFormatError:
+        return None
 
 
 def write_if_absent(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:

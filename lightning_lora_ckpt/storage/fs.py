@@ -10,6 +10,8 @@ from typing import Any
 
 import fsspec
 
+from ..format.strict_json import CheckpointFormatError
+
 #: botocore client settings for ``s3://``, applied to each key the caller's ``config_kwargs`` leave out:
 #: retries with exponential backoff and jitter (botocore's "standard" mode: 500/502/503/504, throttling
 #: and connection errors) and bounded waits for a connection and for each read. s3fs retries throttling
@@ -66,7 +68,8 @@ def url_to_fs(uri: str, storage_options: Mapping[str, Any] | None = None) -> tup
 def storage_errors(action: str, uri: str) -> Iterator[None]:
     """Turn any failure of the storage inside the block into a :class:`CheckpointWriteError` naming ``uri``.
 
-    ``CheckpointWriteError`` and ``FileExistsError`` pass through unchanged.
+    ``CheckpointWriteError``, ``FileExistsError``, ``CheckpointConflictError`` and ``CheckpointFormatError``
+    (decisions, not failures of the storage) pass through unchanged.
 
     Args:
         action: what the block does, for the message (e.g. ``"write checkpoint"``).
@@ -77,7 +80,7 @@ def storage_errors(action: str, uri: str) -> Iterator[None]:
     """
     try:
         yield
-    except (CheckpointWriteError, FileExistsError):
+    except (CheckpointWriteError, FileExistsError, CheckpointConflictError, CheckpointFormatError):
         raise
     except Exception as err:
         raise CheckpointWriteError(

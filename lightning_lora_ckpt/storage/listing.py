@@ -9,10 +9,11 @@ deletes: :meth:`CheckpointStore.gc` removes what :func:`stale_leftovers` returns
 from __future__ import annotations
 
 import contextlib
-import time
 from collections import defaultdict
 from datetime import datetime
 from typing import Any
+
+import fsspec
 
 from ..format.layout import KIND_DIRS
 from ..format.manifest import MANIFEST
@@ -20,8 +21,29 @@ from ..format.ttl import parse_duration
 from .local import TEMP_ENTRY
 
 
+def scan(fs: fsspec.AbstractFileSystem, run_path: str) -> dict[str, dict[str, Any]]:
+    """A fresh flat listing of everything under a run's folder (folders included), with each entry's details.
+
+    Args:
+        fs: the root's filesystem.
+        run_path: the run's folder in it.
+
+    Returns:
+        Path -> fsspec details (empty if the run has no folder).
+    """
+    fs.invalidate_cache(run_path)
+    # s3fs's find caches every folder it lists, which invalidate_cache(run_path) leaves: a stale listing
+    # of a checkpoint folder (e.g. taken mid-save) would later make its manifest read as missing.
+    for cached in [p for p in fs.dircache if p.startswith(run_path.rstrip("/") + "/")]:
+        fs.dircache.pop(cached, None)
+    try:
+        return fs.find(run_path, withdirs=True, detail=True)
+    except FileNotFoundError:
+        return {}
+
+
 def stale_leftovers(
-    found: dict[str, dict[str, Any]], run_path: str, in_place: bool, older_than: float | str
+    found: dict[str, dict[str, Any]], run_path: str, in_place: bool, older_than: float | str, now: float
 ) -> dict[str, list[str]]:
     """Leftovers in one run's listing whose every entry is dated and older than ``older_than``: path -> entries.
 
@@ -30,6 +52,8 @@ def stale_leftovers(
         run_path: the run's folder in the filesystem.
         in_place: whether saves write in place (object stores), so a folder without a manifest is a leftover.
         older_than: seconds, or a duration like ``"1d"``.
+        now: the storage's current time (:meth:`CommitProtocol.now`: on object stores the server's clock,
+            which dates the entries).
 
     Returns:
         Leftover path -> the listed entries in it.
@@ -40,10 +64,10 @@ def stale_leftovers(
     age = float(older_than) if isinstance(older_than, (int, float)) else parse_duration(older_than)
     if age is None or age < 0:
         raise ValueError(f"The age of leftovers to remove must be >= 0 seconds or like '1d', got {older_than!r}")
-    cutoff = time.time() - age
+    cutoff = now - age
     stale = {}
     for unit, members in _leftover_units(found, run_path, in_place).items():
-        times = [_modified(found[m]) for m in members]
+        times = [modified_time(found[m]) for m in members]
         if times and None not in times and max(t for t in times if t is not None) <= cutoff:
             stale[unit] = members
     return stale
@@ -76,7 +100,7 @@ def _leftover_units(found: dict[str, dict[str, Any]], run_path: str, in_place: b
     return units
 
 
-def _modified(info: dict[str, Any]) -> float | None:
+def modified_time(info: dict[str, Any]) -> float | None:
     """When a listed entry last changed (seconds since the epoch), from the fields fsspec filesystems report.
 
     Locally that includes the status change time, which a rename updates: a folder just renamed away for

@@ -5,20 +5,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fsspec.implementations.local import LocalFileSystem
 
 from ..format.files import FileContent
-from ..format.manifest import MANIFEST, FileEntry, Manifest, sha256_hex
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
 from ..format.strict_json import CheckpointFormatError
 from .fs import storage_errors
-from .protocol import CommitProtocol, MakeManifest, saved_concurrently
+from .protocol import CommitProtocol, MakeManifest, refuse_to_replace, saved_concurrently
 
 #: Hidden local entries of a write in progress, or what an interrupted one left: ``.<name>.tmp-<uuid>``
 #: (being written) and ``.<name>.deleting-<uuid>`` (being deleted). Readers skip them; ``gc`` sweeps old ones.
@@ -82,7 +83,12 @@ class LocalRenameCommit(CommitProtocol):
                 _write_file(os.path.join(tmp, MANIFEST), manifest.to_json())
                 fsync_path(os.path.join(tmp, MANIFEST))
                 fsync_path(tmp)
-                if replace or not _rename_if_free(tmp, path):
+                with _locked(parent):  # no metadata update, deletion or other commit of this kind runs meanwhile
+                    current = self.read_manifest(uri, path)
+                    if current is not None:
+                        if not replace:
+                            raise saved_concurrently(uri)
+                        refuse_to_replace(uri, current[0])
                     install_dir(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -90,12 +96,52 @@ class LocalRenameCommit(CommitProtocol):
             raise
         return manifest
 
-    def write_manifest(self, path: str, manifest: Manifest) -> None:
-        replace_file(os.path.join(path, MANIFEST), manifest.to_json())
+    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
+        """See :meth:`CommitProtocol.read_manifest`; the version is the sha256 of the bytes.
 
-    def delete(self, path: str) -> None:
-        if os.path.exists(path):
-            remove_local_dir(path)
+        Args:
+            uri: the checkpoint's URI, for error messages.
+            path: the local checkpoint directory.
+
+        Returns:
+            The bytes and their sha256, or None without a manifest.
+
+        Raises:
+            CheckpointFormatError: the manifest is a link out of the directory or not a regular file.
+        """
+        self.check_member(uri, path, MANIFEST)
+        try:
+            with open(os.path.join(path, MANIFEST), "rb") as f:
+                raw = f.read(MAX_MANIFEST_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return raw, sha256_hex(raw)
+
+    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+        with _locked(os.path.dirname(path)):
+            if self._version(path) != version:
+                return False
+            replace_file(os.path.join(path, MANIFEST), manifest.to_json())
+        return True
+
+    def delete(self, path: str, version: str | None) -> bool:
+        trash = None
+        with _locked(os.path.dirname(path)):
+            current = self._version(path)
+            if version is not None and current is None:
+                return True  # deleted meanwhile
+            if current != version:
+                return False
+            if os.path.lexists(path):
+                trash = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.deleting-{uuid.uuid4().hex}")
+                os.rename(path, trash)  # gone from listings at once; the files are removed outside the lock
+        if trash:
+            LocalFileSystem().rm(trash, recursive=True)
+        return True
+
+    def _version(self, path: str) -> str | None:
+        current = self.read_manifest(path, path)
+        return current[1] if current else None
 
     def write_if_absent(self, path: str, data: bytes) -> None:
         if os.path.exists(path):
@@ -178,24 +224,6 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
-def _rename_if_free(tmp: str, path: str) -> bool:
-    """Rename ``tmp`` to ``path`` unless a non-empty directory is there (one atomic check-and-rename).
-
-    Returns False for a leftover without a manifest at ``path``; a committed checkpoint there (one saved
-    concurrently since the caller checked) is a ``FileExistsError``.
-    """
-    try:
-        os.rename(tmp, path)
-    except OSError as err:
-        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        if os.path.exists(os.path.join(path, MANIFEST)):
-            raise saved_concurrently(path) from None
-        return False
-    fsync_path(os.path.dirname(path))
-    return True
-
-
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two existing paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
     renameat2 = getattr(_LIBC, "renameat2", None) if _LIBC else None
@@ -242,6 +270,24 @@ def install_dir(tmp: str, path: str) -> None:
     if previous:
         with contextlib.suppress(FileNotFoundError):  # gc(incomplete_after=0) may have swept it already
             LocalFileSystem().rm(previous, recursive=True)
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on a local directory (the kind folder holding a checkpoint) in the block.
+
+    Every commit, metadata update and deletion of a checkpoint takes the lock of its parent, so each is one
+    step against the others (readers take none). Filesystems without ``flock`` (some network mounts) run
+    the block unlocked.
+    """
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):  # ENOLCK / EOPNOTSUPP: no locks here
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def apply_umask(directory: str) -> None:

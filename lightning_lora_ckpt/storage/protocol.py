@@ -10,12 +10,16 @@ asks which filesystem it is.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Mapping
 
 import fsspec
 
 from ..format.files import FileContent
-from ..format.manifest import FileEntry, Manifest
+from ..format.layout import join
+from ..format.manifest import MANIFEST, FileEntry, Manifest
+from ..format.strict_json import CheckpointFormatError
+from .fs import CheckpointConflictError
 
 #: Builds the manifest from the checksums of the written files.
 MakeManifest = Callable[[dict[str, FileEntry]], Manifest]
@@ -46,31 +50,65 @@ class CommitProtocol(abc.ABC):
             path: the checkpoint directory in :attr:`fs`.
             files: the contents of every file but the manifest, by file name, in write order.
             make_manifest: builds the manifest from the size and sha256 of each written file.
-            replace: replace a committed checkpoint at ``path`` (the caller has checked there is none otherwise).
+            replace: replace a committed checkpoint at ``path`` unless it is published (the caller has checked
+                there is none otherwise).
 
         Returns:
             The manifest written.
 
         Raises:
-            FileExistsError: without ``replace``, if another writer committed ``path`` meanwhile.
+            FileExistsError: without ``replace``, if another writer committed ``path`` meanwhile; on object
+                stores also if another writer's objects replaced this one's while it was writing.
+            CheckpointConflictError: the checkpoint being replaced is published (checked with
+                :func:`refuse_to_replace` at the moment of the replacement).
             CheckpointWriteError: the storage kept failing.
         """
 
     @abc.abstractmethod
-    def write_manifest(self, path: str, manifest: Manifest) -> None:
-        """Replace the manifest of a committed checkpoint (its mutable metadata) in one atomic step.
+    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
+        """The manifest's bytes (at most ``MAX_MANIFEST_BYTES + 1``) and its version, or None if it has none.
+
+        The version is what :meth:`replace_manifest` and :meth:`delete` compare against: an S3 ETag, a GCS
+        generation, or a digest of the bytes where the storage has neither.
+
+        Args:
+            uri: the checkpoint's URI, for error messages.
+            path: the checkpoint directory.
+
+        Returns:
+            The bytes and the version, or None if no manifest is there.
+
+        Raises:
+            CheckpointFormatError: the manifest is unsafe to read (a link out of the directory, a FIFO).
+        """
+
+    @abc.abstractmethod
+    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+        """Replace the manifest of a committed checkpoint (its mutable metadata), if it is still at ``version``.
+
+        Compare-and-swap: two updates racing never lose one another's change, and an update racing a
+        deletion or an overwrite never writes into what replaced the checkpoint it read.
 
         Args:
             path: the checkpoint directory.
             manifest: the new manifest (same files, new metadata).
+            version: the version :meth:`read_manifest` returned for the manifest ``manifest`` was made from.
+
+        Returns:
+            Whether it was replaced; False if the manifest changed or vanished since it was read.
         """
 
     @abc.abstractmethod
-    def delete(self, path: str) -> None:
-        """Delete a checkpoint directory so that it is never seen half-deleted (nothing if it is absent).
+    def delete(self, path: str, version: str | None) -> bool:
+        """Delete a checkpoint directory, if its manifest is still at ``version``, so that it is never seen
+        half-deleted: the manifest goes first (or the whole directory in one rename).
 
         Args:
             path: the checkpoint directory.
+            version: the manifest's version as read, or None for a directory without a manifest (leftovers).
+
+        Returns:
+            Whether it was deleted (True also if it was already gone); False if the manifest changed since.
         """
 
     @abc.abstractmethod
@@ -119,6 +157,17 @@ class CommitProtocol(abc.ABC):
         """
         return {}
 
+    def now(self, root: str) -> float:
+        """The storage's current time (seconds since the epoch), which ages of listed files are compared with.
+
+        Args:
+            root: a folder of the store that may be written to (object stores ask their server).
+
+        Returns:
+            The time.
+        """
+        return time.time()
+
 
 def saved_concurrently(uri: str) -> FileExistsError:
     """The error of a save that found its name committed by another writer while it was writing.
@@ -133,3 +182,27 @@ def saved_concurrently(uri: str) -> FileExistsError:
         f"A checkpoint was saved at {uri} by another writer while this one was being written; "
         "save under another name, or pass overwrite=True to replace it"
     )
+
+
+def refuse_to_replace(uri: str, raw: bytes) -> None:
+    """A published checkpoint is never replaced: raise naming it (called with its current manifest's bytes,
+    at the point where each protocol replaces atomically).
+
+    A manifest that cannot be parsed is no published checkpoint: it may be replaced.
+
+    Args:
+        uri: the checkpoint's URI.
+        raw: the bytes of its manifest.
+
+    Raises:
+        CheckpointConflictError: it is published.
+    """
+    try:
+        public = Manifest.from_json(raw, join(uri, MANIFEST)).public
+    except CheckpointFormatError:
+        return
+    if public:
+        raise CheckpointConflictError(
+            f"Checkpoint {uri} is published and is never replaced; save under another name, or unpublish it "
+            f"first (lightning-lora-ckpt unpublish {uri})"
+        )

@@ -15,11 +15,11 @@ from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, CheckpointPage, Cursor, TrainingRun, VerifyReport
 from ..format.strict_json import CheckpointFormatError, utcnow
 from ..format.ttl import parse_duration
-from ..policy.retention import checkpoint_order, expired, newest
+from ..policy.retention import checkpoint_order, expired, kept_reason, newest
 from .archive import Progress, archive, download
-from .commit import delete_checkpoint, protocol_for, write_manifest
+from .commit import delete_checkpoint, protocol_for, update_manifest
 from .fs import CheckpointConflictError, url_to_fs
-from .listing import is_manifest_path, stale_leftovers
+from .listing import is_manifest_path, scan, stale_leftovers
 from .read import read_manifest, verify_checkpoint
 
 #: How old the newest file of an interrupted write must be before ``gc`` removes it: far longer than any
@@ -144,17 +144,7 @@ class CheckpointStore:
 
     def _scan(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Fresh flat listing of everything under a run (folders included), with each entry's details."""
-        validate_name(run_id, "run id")
-        run_path = join(self._root_path, run_id)
-        self.fs.invalidate_cache(run_path)
-        # s3fs's find caches every folder it lists, which invalidate_cache(run_path) leaves: a stale listing
-        # of a checkpoint folder (e.g. taken mid-save) would later make its manifest read as missing.
-        for cached in [p for p in self.fs.dircache if p.startswith(run_path.rstrip("/") + "/")]:
-            self.fs.dircache.pop(cached, None)
-        try:
-            return self.fs.find(run_path, withdirs=True, detail=True)
-        except FileNotFoundError:
-            return {}
+        return scan(self.fs, join(self._root_path, validate_name(run_id, "run id")))
 
     def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
         run_path = join(self._root_path, run_id)
@@ -272,9 +262,7 @@ class CheckpointStore:
     # -- mutable metadata -------------------------------------------------------------------------
     def _update(self, uri: str, change: Callable[[Manifest], Manifest]) -> Checkpoint:
         uri = self.resolve(uri)
-        manifest = change(read_manifest(uri, self.storage_options))
-        write_manifest(uri, manifest, self.storage_options)
-        return Checkpoint.from_manifest(manifest, uri)
+        return Checkpoint.from_manifest(update_manifest(uri, change, self.storage_options), uri)
 
     def set_ttl(self, uri: str, ttl_seconds: float | str | None) -> Checkpoint:
         """Expire the checkpoint ``ttl_seconds`` from now (``"7d"`` etc. accepted); None removes the TTL.
@@ -378,18 +366,17 @@ class CheckpointStore:
             CheckpointWriteError: the storage kept failing while deleting a checkpoint.
         """
         now = now or utcnow()
-        doomed, leftovers = [], {}
+        doomed, leftovers, clock = [], {}, self._protocol.now(self._root_path)
         for run_id in self._run_ids():
             found = self._scan(run_id)
             doomed += expired(self._checkpoints(run_id, found), now)
-            leftovers.update(self._leftovers(run_id, found, incomplete_after))
+            leftovers.update(self._leftovers(run_id, found, incomplete_after, clock))
         if only is not None:
             allowed = set(only)
             doomed = [c for c in doomed if c.path in allowed]
             leftovers = {unit: m for unit, m in leftovers.items() if self._uri_of(unit) in allowed}
         if not dry_run:
-            for checkpoint in doomed:
-                delete_checkpoint(checkpoint.path, self.storage_options)
+            doomed = [c for c in doomed if self._delete_if_due(c, now)]
             for unit, members in leftovers.items():
                 with contextlib.suppress(FileNotFoundError):  # already gone: its writer or another gc finished it
                     self._protocol.remove_leftover(unit, members)
@@ -398,6 +385,14 @@ class CheckpointStore:
                 "gc %s %d leftover(s) of interrupted writes", "would remove" if dry_run else "removed", len(leftovers)
             )
         return doomed
+
+    def _delete_if_due(self, checkpoint: Checkpoint, now: datetime) -> bool:
+        """Delete a checkpoint the scan found due, judged again on its manifest at the moment of the deletion."""
+        path = checkpoint.path
+        due = delete_checkpoint(
+            path, self.storage_options, lambda m: kept_reason(Checkpoint.from_manifest(m, path), now)
+        )
+        return due is not None
 
     def incomplete(self, older_than: float | str = 0) -> list[str]:
         """URIs of what interrupted writes left, whose newest file is older than ``older_than`` (seconds or "1d").
@@ -415,17 +410,20 @@ class CheckpointStore:
         Raises:
             ValueError: ``older_than`` is not a valid age.
         """
+        clock = self._protocol.now(self._root_path)
         return [
             self._uri_of(unit)
             for run_id in self._run_ids()
-            for unit in self._leftovers(run_id, self._scan(run_id), older_than)
+            for unit in self._leftovers(run_id, self._scan(run_id), older_than, clock)
         ]
 
     def _leftovers(
-        self, run_id: str, found: dict[str, dict[str, Any]], older_than: float | str
+        self, run_id: str, found: dict[str, dict[str, Any]], older_than: float | str, now: float
     ) -> dict[str, list[str]]:
-        """Leftovers in one run's listing whose every entry is dated and older than ``older_than``: path -> entries."""
-        return stale_leftovers(found, join(self._root_path, run_id), self._protocol.writes_in_place, older_than)
+        """Leftovers in one run's listing whose every entry is dated and older than ``older_than`` at ``now`` (the
+        storage's clock): path -> entries."""
+        run_path = join(self._root_path, run_id)
+        return stale_leftovers(found, run_path, self._protocol.writes_in_place, older_than, now)
 
     def _uri_of(self, path: str) -> str:
         """The URI under the root of a path from this store's filesystem."""
@@ -450,9 +448,8 @@ class CheckpointStore:
         return verify_checkpoint(self.resolve(uri), self.storage_options)
 
     def download(self, uri: str, output_dir: str | os.PathLike[str], progress: Progress | None = None) -> str:
-        """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
-
-        Files are written into a temporary sibling that is renamed into place once all are verified.
+        """Copy a checkpoint's files into a local ``output_dir``, verifying each (in a temporary sibling renamed
+        into place once all are verified).
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).

@@ -251,7 +251,9 @@ def _stream_model(model: PreTrainedModel) -> _BaseTensors:
     return _BaseTensors(specs, iter(state.items()), None)
 
 
-def _open_base(name_or_path: str, skeleton: PreTrainedModel, revision: str | None) -> _BaseTensors:
+def _open_base(
+    name_or_path: str, skeleton: PreTrainedModel, revision: str | None, allow_pickle: bool = False
+) -> _BaseTensors:
     """Stream a base from its safetensors files when it has them, else build or load it in memory."""
     directory = None
     if os.path.isdir(name_or_path):
@@ -263,8 +265,9 @@ def _open_base(name_or_path: str, skeleton: PreTrainedModel, revision: str | Non
     files = _safetensors_files(directory) if directory else None
     if files:
         return _stream_files(files, skeleton)
-    # A built-in name (built from its config: that is the base) or a directory of .bin weights only.
-    base = _stream_model(load_base_model(name_or_path, torch.float32, revision))
+    # A built-in name (built from its config: that is the base). A base with pickled (.bin) weights only loads
+    # when the caller named it and passed allow_pickle=True; load_base_model refuses it otherwise.
+    base = _stream_model(load_base_model(name_or_path, torch.float32, revision, allow_pickle=allow_pickle))
     base.weights_dir = directory
     return base
 
@@ -411,6 +414,7 @@ def merge_adapter(
     root: str | None = None,
     storage_options: dict[str, Any] | None = None,
     progress: ProgressFn | None = None,
+    allow_pickle: bool = False,
 ) -> str:
     """Write the base model with the checkpoint's LoRA adapter folded in, as a full HF model directory.
 
@@ -428,20 +432,27 @@ def merge_adapter(
         root: where ``lora://`` URIs resolve (``$LORA_CKPT_ROOT`` if None).
         storage_options: fsspec options for the checkpoint's filesystem.
         progress: called with (label, bytes written, total bytes) after each shard.
+        allow_pickle: let the ``base_model`` you name load from pickled (``.bin``) weights, which can run code when
+            unpickled: only for a base you trust. The base a manifest names loads from safetensors only.
 
     Returns:
         The absolute path of ``output_dir``.
 
     Raises:
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-        ValueError: ``dtype`` or ``max_shard_size`` is not supported, the base is not the checkpoint's or is
-            quantized, or the adapter cannot be merged (not plain LoRA on linear layers, or it does not fit
-            the base's weights).
+        ValueError: ``dtype`` or ``max_shard_size`` is not supported, ``allow_pickle`` without ``base_model``,
+            the base is not the checkpoint's or is quantized, or the adapter cannot be merged (not plain LoRA on
+            linear layers, or it does not fit the base's weights).
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
         NotADirectoryError: ``output_dir`` exists and is not a directory.
         OSError: transformers finds no base model at ``base_model`` or the recorded name.
     """
     dtype = float_dtype(dtype, "dtype")
+    if allow_pickle and base_model is None:
+        raise ValueError(
+            "allow_pickle=True is for a base you name yourself: pass base_model= too (the base a checkpoint names "
+            "loads from safetensors weights only)"
+        )
     _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
     output_dir = os.path.abspath(os.fspath(output_dir))
     _prepare_output(output_dir, overwrite)
@@ -460,7 +471,7 @@ def merge_adapter(
         )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    base = _open_base(name_or_path, skeleton, revision)
+    base = _open_base(name_or_path, skeleton, revision, allow_pickle=allow_pickle and base_model is not None)
     _check_targets(deltas, base, skeleton.all_tied_weights_keys, uri)
 
     parent, name = os.path.split(output_dir)

@@ -1,0 +1,62 @@
+"""Object-store saves and a gc that misjudges them (issue 13, item 13): a gc on a host whose clock runs a day
+ahead leaves a save in flight alone (leftovers are aged by the store's clock), and a save whose objects
+vanished before its commit commits nothing."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import fsspec
+import pytest
+from fsspec.implementations.memory import MemoryFileSystem
+
+from helpers.checkpoints import fake_checkpoint
+from lightning_lora_ckpt import CheckpointStore, CheckpointWriteError, LoRACheckpointIO
+from lightning_lora_ckpt.format.layout import join
+
+
+class VanishingMemoryFS(MemoryFileSystem):
+    """An object store where each upload of a file named ``adapter_config.json`` removes the folder's
+    ``adapter_model.safetensors`` (what a gc deleting a save's objects meanwhile does)."""
+
+    protocol = "vanishingmem"
+    root_marker = ""
+
+    def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
+        super().pipe_file(path, value, mode=mode, **kwargs)
+        if path.endswith("/adapter_config.json"):
+            self.rm_file(path.rsplit("/", 1)[0] + "/adapter_model.safetensors")
+
+
+fsspec.register_implementation("vanishingmem", VanishingMemoryFS, clobber=True)
+
+
+def test_a_save_whose_objects_vanished_commits_nothing() -> None:
+    root = f"vanishingmem://{uuid.uuid4().hex}"
+    io = LoRACheckpointIO(root=root, run_id="run", async_save=False)
+    with pytest.raises(CheckpointWriteError, match=r"vanished before the commit.*nothing was committed"):
+        io.save_checkpoint(fake_checkpoint(1, training=False), "s1")
+    assert CheckpointStore(root).list_checkpoints("run") == []
+    assert not fsspec.filesystem("vanishingmem").exists(join(root, "run/sampler_weights/s1/checkpoint.json"))
+
+
+def test_gc_on_a_host_a_day_ahead_keeps_a_save_in_flight(
+    s3_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, options = f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}", s3_server["storage_options"]
+    io = LoRACheckpointIO(root=root, run_id="run", async_save=False, storage_options=options)
+    io.save_checkpoint(fake_checkpoint(1), "t1")  # the run's resume point
+    store = CheckpointStore(root, options)
+    in_flight = join(store._root_path, "run/weights/t2")  # a save that has uploaded its first object
+    store.fs.pipe_file(join(in_flight, "adapter_model.safetensors"), b"uploading")
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 25 * 3600)  # this host's clock runs 25 h ahead
+
+    assert store.incomplete(older_than="1d") == []
+    store.gc()
+    store.fs.invalidate_cache()
+    assert store.fs.exists(join(in_flight, "adapter_model.safetensors"))
+    monkeypatch.setattr(time, "time", real)
+    assert store.incomplete(older_than=0) == [join(root, "run/weights/t2")]
