@@ -14,7 +14,7 @@ from typing import Any
 from ..format.layout import resolve
 from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, Manifest
 from ..format.payload import CheckpointPayload
-from .read import read_files, read_manifest
+from .read import read_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,7 @@ def open_checkpoint(
     *,
     with_state: bool | None = False,
     base_model: BaseModelRef | None = None,
+    deadline_s: float | None = None,
 ) -> OpenedCheckpoint:
     """Read, verify and decode the checkpoint at ``uri`` (any fsspec URI, local path or ``lora://``).
 
@@ -62,20 +63,26 @@ def open_checkpoint(
         with_state: also read the training state (optimizer, loops, RNG): True requires a training
             checkpoint, None reads it if the checkpoint has one.
         base_model: refuse the checkpoint unless it was trained on this base.
+        deadline_s: the most seconds to wait for the manifest of a checkpoint replaced while it is read
+            (``read.READ_DEADLINE_S`` if None).
 
     Returns:
-        The opened checkpoint; its payload holds the training state only ``with_state``.
+        The opened checkpoint: one committed version, whole, even if it was replaced while it was read; its
+        payload holds the training state only ``with_state``.
 
     Raises:
-        CheckpointFormatError: the checkpoint is missing, damaged or malformed.
+        CheckpointFormatError: the checkpoint is missing, damaged or malformed, or was deleted (or kept being
+            replaced) while it was read.
         ValueError: ``with_state`` on a sampler checkpoint, or a checkpoint of another base.
     """
     resolved = resolve(uri, root)
-    manifest = read_manifest(resolved, storage_options)
-    if with_state and manifest.checkpoint_type != "training":
-        raise ValueError(f"{resolved} is a sampler checkpoint; the training state needs a training checkpoint")
-    if base_model is not None:
-        manifest.base_model.check_compatible(base_model, resolved)
-    names = list(manifest.files) if with_state is not False else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-    files = read_files(resolved, manifest, names, storage_options)
+
+    def names(manifest: Manifest) -> list[str]:  # checked again on each version, if it was replaced meanwhile
+        if with_state and manifest.checkpoint_type != "training":
+            raise ValueError(f"{resolved} is a sampler checkpoint; the training state needs a training checkpoint")
+        if base_model is not None:
+            manifest.base_model.check_compatible(base_model, resolved)
+        return list(manifest.files) if with_state is not False else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+
+    manifest, files = read_checkpoint(resolved, names, storage_options, deadline_s=deadline_s)
     return OpenedCheckpoint(resolved, manifest, files, CheckpointPayload.from_files(manifest, files, resolved))

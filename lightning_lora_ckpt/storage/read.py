@@ -2,19 +2,41 @@
 
 No read ever takes more than the listed size plus one byte, so a file swapped for a huge one is refused
 without being loaded; locally only regular files inside the checkpoint directory are read.
+
+The manifest and the files are read by path in separate steps, and a checkpoint may be replaced in between
+(a local overwrite swaps in a new directory and deletes the old one; an object-store overwrite deletes the
+old manifest, uploads the new files, then the new manifest). :func:`read_checkpoint` makes such a read
+consistent, whatever the backend: when a file is missing or differs from the manifest it reads the manifest
+again and either reports the damage (the same commit is still there: the damage is real), reads again with
+the new manifest (the checkpoint was replaced), or waits a bounded time for one (an object-store overwrite
+is uploading). A reader thus gets the old checkpoint or the new one, whole, or a clear error; never a mix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
 from ..format.records import VerifyReport
 from ..format.strict_json import CheckpointFormatError
 from .commit import CommitProtocol, open_protocol
+
+log = logging.getLogger(__name__)
+
+#: How long, in total, a read waits for the manifest of a checkpoint replaced while it was read to reappear
+#: (an object-store overwrite deletes the old manifest first and uploads the new one last).
+READ_DEADLINE_S = 30.0
+#: How many times a read starts over with a new manifest before giving up on a checkpoint replaced that often.
+READ_ATTEMPTS = 5
+_POLL_FIRST_S, _POLL_MAX_S = 0.01, 0.5
+
+_R = TypeVar("_R")
 
 
 def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
@@ -30,13 +52,21 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     Raises:
         CheckpointFormatError: there is no manifest at ``uri``, or it is invalid.
     """
+    manifest = _manifest_if_any(uri, storage_options)
+    if manifest is None:
+        raise CheckpointFormatError(
+            f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never completed)"
+        )
+    return manifest
+
+
+def _manifest_if_any(uri: str, storage_options: Mapping[str, Any] | None) -> Manifest | None:
+    """The validated manifest at ``uri``, or None if there is none."""
     protocol, path = open_protocol(uri, storage_options)
     try:
         raw = _read_member(protocol, uri, path, MANIFEST, MAX_MANIFEST_BYTES)
-    except FileNotFoundError as err:
-        raise CheckpointFormatError(
-            f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never completed)"
-        ) from err
+    except FileNotFoundError:
+        return None
     return Manifest.from_json(raw, join(uri, MANIFEST))
 
 
@@ -44,6 +74,9 @@ def read_files(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, bytes]:
     """Read ``names`` from the checkpoint at ``uri``, checking each against the manifest's size and sha256.
+
+    A checkpoint replaced since ``manifest`` was read fails the check; :func:`read_checkpoint` reads
+    consistently across a replacement.
 
     Args:
         uri: the checkpoint directory's URI.
@@ -57,9 +90,20 @@ def read_files(
     Raises:
         CheckpointFormatError: a file is missing, unsafe, or differs from its manifest entry.
     """
+    files, damage = _read_each(uri, manifest, names, storage_options)
+    for name in names:
+        if name in damage:
+            raise damage[name]
+    return files
+
+
+def _read_each(
+    uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None
+) -> tuple[dict[str, bytes], dict[str, CheckpointFormatError]]:
+    """Read and check each of ``names``: the verified bytes of the good ones, the error of each other one."""
     protocol, path = open_protocol(uri, storage_options)
 
-    def read(name: str) -> bytes:
+    def checked(name: str) -> bytes:
         expected = manifest.files[name]
         try:
             data = _read_member(protocol, uri, path, name, expected.size)
@@ -72,9 +116,153 @@ def read_files(
         check_file(uri, name, expected, len(data), sha256_hex(data))
         return data
 
+    def read(name: str) -> bytes | CheckpointFormatError:
+        try:
+            return checked(name)
+        except CheckpointFormatError as err:
+            return err
+
     # Files are read and hashed concurrently: both release the GIL, and object stores serve requests in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), 4)), thread_name_prefix="lora-ckpt-read") as pool:
-        return dict(zip(names, pool.map(read, names), strict=True))
+        results = dict(zip(names, pool.map(read, names), strict=True))
+    files = {name: r for name, r in results.items() if isinstance(r, bytes)}
+    return files, {name: r for name, r in results.items() if isinstance(r, CheckpointFormatError)}
+
+
+def read_checkpoint(
+    uri: str,
+    names: Callable[[Manifest], list[str]] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    deadline_s: float | None = None,
+    max_attempts: int | None = None,
+) -> tuple[Manifest, dict[str, bytes]]:
+    """Read the manifest and files of the checkpoint at ``uri`` consistently: all of one committed version.
+
+    If a file is missing or differs from the manifest, the manifest is read again: the same commit still
+    there means the damage is real (raised at once); another one means the checkpoint was replaced, and the
+    read starts over with it; none means it is being replaced (or was deleted), and the read waits for a new
+    one, up to ``deadline_s`` seconds in all.
+
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        names: which files to read of a manifest (called again for each new manifest; it may raise to
+            refuse one); None reads every listed file.
+        storage_options: fsspec options of the filesystem.
+        deadline_s: the most seconds spent waiting for a replaced checkpoint's manifest
+            (:data:`READ_DEADLINE_S` if None).
+        max_attempts: how many manifests to try before giving up on a checkpoint replaced that often
+            (:data:`READ_ATTEMPTS` if None).
+
+    Returns:
+        The manifest read and the verified bytes of the files ``names`` chose, by name.
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at ``uri``, it is damaged, its manifest is invalid, or it
+            was deleted or kept being replaced while it was read.
+    """
+    choose = names or (lambda manifest: list(manifest.files))
+
+    def attempt(manifest: Manifest) -> tuple[dict[str, bytes], CheckpointFormatError | None]:
+        try:
+            return read_files(uri, manifest, choose(manifest), storage_options), None
+        except CheckpointFormatError as err:
+            return {}, err
+
+    manifest, files, damage = consistent_read(
+        uri, attempt, storage_options, deadline_s=deadline_s, max_attempts=max_attempts
+    )
+    if damage is not None:
+        raise damage
+    return manifest, files
+
+
+def consistent_read(
+    uri: str,
+    attempt: Callable[[Manifest], tuple[_R, CheckpointFormatError | None]],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    deadline_s: float | None = None,
+    max_attempts: int | None = None,
+) -> tuple[Manifest, _R, CheckpointFormatError | None]:
+    """Run ``attempt`` on the checkpoint's manifest until it reads one committed version without damage, or
+    the damage is real (see :func:`read_checkpoint`).
+
+    Args:
+        uri: the checkpoint directory's URI.
+        attempt: reads the files of a manifest; returns its result and the first damage it met (None if none).
+        storage_options: fsspec options of the filesystem.
+        deadline_s: the most seconds spent waiting for a replaced checkpoint's manifest
+            (:data:`READ_DEADLINE_S` if None).
+        max_attempts: how many manifests to try (:data:`READ_ATTEMPTS` if None).
+
+    Returns:
+        The manifest last read, ``attempt``'s result on it, and its damage: None, or real damage (the same
+        commit was still there when the manifest was read again).
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at ``uri`` or its manifest is invalid (on the first read),
+            or it was deleted or kept being replaced while it was read.
+    """
+    budget = _WaitBudget(READ_DEADLINE_S if deadline_s is None else deadline_s)
+    attempts = READ_ATTEMPTS if max_attempts is None else max_attempts
+    manifest = read_manifest(uri, storage_options)
+    for tries in range(1, max(1, attempts) + 1):
+        result, damage = attempt(manifest)
+        if damage is None:
+            return manifest, result, None
+        current = _manifest_after_damage(uri, storage_options, budget)
+        if same_commit(current, manifest):
+            return manifest, result, damage
+        log.debug(
+            "Checkpoint %s was replaced while it was read (%s); reading it again (attempt %d)", uri, damage, tries
+        )
+        manifest = current
+    raise CheckpointFormatError(
+        f"Checkpoint {uri} was replaced {attempts} times while it was read; retry when it is no longer being "
+        "overwritten"
+    )
+
+
+def same_commit(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests are the same commit: the same files (names, sizes, sha256) saved at the same time.
+
+    A metadata update (TTL, publish) keeps the commit; a save of identical content later is another commit,
+    whose files may have been rewritten in between.
+
+    Args:
+        a: a manifest.
+        b: another manifest of the same checkpoint.
+
+    Returns:
+        True if only mutable metadata may differ.
+    """
+    return a.files == b.files and a.created_at == b.created_at
+
+
+@dataclasses.dataclass
+class _WaitBudget:
+    """The seconds a read may still spend waiting for a manifest to reappear."""
+
+    seconds: float
+
+
+def _manifest_after_damage(uri: str, storage_options: Mapping[str, Any] | None, budget: _WaitBudget) -> Manifest:
+    """The manifest at ``uri`` now; while there is none, wait for one with growing pauses, spending ``budget``."""
+    delay = _POLL_FIRST_S
+    while True:
+        started = time.monotonic()
+        manifest = _manifest_if_any(uri, storage_options)
+        if manifest is not None:
+            return manifest
+        if budget.seconds <= 0:
+            raise CheckpointFormatError(
+                f"Checkpoint {uri} was deleted or is being replaced while it was read (no {MANIFEST} appeared "
+                "again in time); retry"
+            )
+        time.sleep(min(delay, budget.seconds))
+        delay = min(delay * 2, _POLL_MAX_S)
+        budget.seconds -= time.monotonic() - started
 
 
 def _read_member(protocol: CommitProtocol, uri: str, path: str, name: str, limit: int) -> bytes:
@@ -103,21 +291,44 @@ def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str)
         )
 
 
-def verify_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> VerifyReport:
+def verify_checkpoint(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    deadline_s: float | None = None,
+    max_attempts: int | None = None,
+) -> VerifyReport:
     """Check every file of the checkpoint at ``uri`` against the manifest's size and sha256, then that it decodes
     (checksums alone do not catch a forged manifest); damage is reported, not raised.
 
+    A checkpoint replaced while it is verified is verified again in the version found then (see
+    :func:`read_checkpoint`); the report is about the version last read.
+
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        storage_options: fsspec options of the filesystem.
+        deadline_s: the most seconds spent waiting for a replaced checkpoint's manifest
+            (:data:`READ_DEADLINE_S` if None).
+        max_attempts: how many manifests to try (:data:`READ_ATTEMPTS` if None).
+
+    Returns:
+        The report: the sizes the manifest of that version lists, and one problem per damaged file or for
+        contents that do not decode.
+
     Raises:
-        CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+        CheckpointFormatError: there is no committed checkpoint at ``uri``, its manifest is invalid, or it was
+            deleted or kept being replaced while it was verified.
     """
-    manifest = read_manifest(uri, storage_options)
-    problems, files = [], {}
-    for name in manifest.files:
-        try:
-            files.update(read_files(uri, manifest, [name], storage_options))
-        except CheckpointFormatError as err:
-            problems.append(str(err))
-    if not problems:
+
+    def attempt(manifest: Manifest) -> tuple[tuple[list[str], dict[str, bytes]], CheckpointFormatError | None]:
+        files, damage = _read_each(uri, manifest, list(manifest.files), storage_options)
+        errors = [damage[name] for name in manifest.files if name in damage]
+        return ([str(err) for err in errors], files), (errors[0] if errors else None)
+
+    manifest, (problems, files), damage = consistent_read(
+        uri, attempt, storage_options, deadline_s=deadline_s, max_attempts=max_attempts
+    )
+    if damage is None:
         from ..format.payload import CheckpointPayload  # imports torch: not for every command line start-up
 
         try:
