@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from collections.abc import Callable
 from datetime import datetime
@@ -107,6 +108,10 @@ class Manifest:
         public: whether it is published (never deleted by ``gc`` or lifecycle rules); mutable.
         user_metadata: free-form JSON metadata; mutable.
         versions: versions of the packages that wrote it, by package name.
+        metrics: the scalar metrics the trainer had logged when it was saved (``callback_metrics``), by name.
+        pinned: whether it is pinned (nothing deletes or replaces it); mutable.
+        deleted_at: when a retention policy deleted it (UTC): it is then aside (not listed, not loadable) until
+            ``gc`` purges it after the grace period or ``CheckpointStore.restore`` brings it back; mutable.
     """
 
     checkpoint_type: CheckpointType
@@ -122,6 +127,9 @@ class Manifest:
     public: bool = False
     user_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    pinned: bool = False
+    deleted_at: datetime | None = None
 
     @property
     def content_sha256(self) -> str:
@@ -143,6 +151,7 @@ class Manifest:
         data = dataclasses.asdict(self)
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
+        data["deleted_at"] = iso_time(self.deleted_at) if self.deleted_at else None
         return json.dumps(
             {"format": FORMAT, "format_version": FORMAT_VERSION, **data}, indent=2, allow_nan=False
         ).encode()
@@ -209,6 +218,9 @@ class Manifest:
             public=field("public", lambda v: _expect(v, bool), False),
             user_metadata=field("user_metadata", lambda v: _expect(v, dict), {}),
             versions=field("versions", _versions, {}),
+            metrics=field("metrics", _metrics, {}),
+            pinned=field("pinned", lambda v: _expect(v, bool), False),
+            deleted_at=field("deleted_at", parse_time, None),
         )
         if not isinstance(manifest.base_model.name_or_path, str) or not isinstance(
             manifest.base_model.fingerprint, str
@@ -217,6 +229,21 @@ class Manifest:
         if not isinstance(manifest.base_model.quantization, (str, type(None))):
             raise bad("base_model.quantization must be a string or null")
         return manifest
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    """A manifest's ``metrics``: finite numbers by name (at most 1,000, names at most 200 characters)."""
+    metrics = _expect(value, dict)
+    if len(metrics) > 1000:
+        raise ValueError(f"{len(metrics)} metrics, more than the 1000 allowed")
+    out = {}
+    for name, number in metrics.items():
+        if len(name) > 200 or isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise ValueError(f"metric {name[:50]!r} must be a number under a name of at most 200 characters")
+        if not math.isfinite(number):
+            raise ValueError(f"metric {name[:50]!r} is not finite")
+        out[name] = float(number)
+    return out
 
 
 _MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fields(Manifest))}

@@ -33,6 +33,8 @@ class Checkpoint:
         lora_rank: the adapter's LoRA rank ``r``.
         run_id: the run it belongs to.
         user_metadata: free-form JSON metadata stored in its manifest.
+        metrics: the scalar metrics logged when it was saved (``trainer.callback_metrics``), by name.
+        pinned: whether it is pinned (nothing deletes or replaces it).
     """
 
     checkpoint_id: str
@@ -47,6 +49,8 @@ class Checkpoint:
     lora_rank: int
     run_id: str
     user_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    pinned: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, path: str) -> Checkpoint:
@@ -72,6 +76,8 @@ class Checkpoint:
             lora_rank=manifest.lora_rank,
             run_id=manifest.run_id,
             user_metadata=manifest.user_metadata,
+            metrics=manifest.metrics,
+            pinned=manifest.pinned,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,6 +67,8 @@ def kept_reason(checkpoint: Checkpoint, now: datetime) -> str | None:
     """
     if checkpoint.public:
         return "it is published"
+    if checkpoint.pinned:
+        return "it is pinned"
     if checkpoint.expires_at is None:
         return "it has no TTL"
     if checkpoint.expires_at > now:

@@ -185,8 +185,8 @@ def saved_concurrently(uri: str) -> FileExistsError:
 
 
 def refuse_to_replace(uri: str, raw: bytes) -> None:
-    """A published checkpoint is never replaced: raise naming it (called with its current manifest's bytes,
-    at the point where each protocol replaces atomically).
+    """A published or pinned checkpoint is never replaced: raise naming it (called with its current manifest's
+    bytes, at the point where each protocol replaces atomically).
 
     A manifest that cannot be parsed is no published checkpoint: it may be replaced.
 
@@ -195,14 +195,19 @@ def refuse_to_replace(uri: str, raw: bytes) -> None:
         raw: the bytes of its manifest.
 
     Raises:
-        CheckpointConflictError: it is published.
+        CheckpointConflictError: it is published or pinned.
     """
     try:
-        public = Manifest.from_json(raw, join(uri, MANIFEST)).public
+        manifest = Manifest.from_json(raw, join(uri, MANIFEST))
     except CheckpointFormatError:
         return
-    if public:
+    if manifest.public:
         raise CheckpointConflictError(
             f"Checkpoint {uri} is published and is never replaced; save under another name, or unpublish it "
             f"first (lightning-lora-ckpt unpublish {uri})"
+        )
+    if manifest.pinned:
+        raise CheckpointConflictError(
+            f"Checkpoint {uri} is pinned and is never replaced; save under another name, or unpin it "
+            f"first (lightning-lora-ckpt unpin {uri})"
         )
