@@ -14,6 +14,7 @@ from typing import Any
 from ..format.layout import resolve
 from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, Manifest
 from ..format.payload import CheckpointPayload
+from ..format.strict_json import CheckpointFormatError, iso_time
 from .read import read_checkpoint
 
 
@@ -78,6 +79,11 @@ def open_checkpoint(
     resolved = resolve(uri, root)
 
     def names(manifest: Manifest) -> list[str]:  # checked again on each version, if it was replaced meanwhile
+        if manifest.deleted_at is not None:
+            raise CheckpointFormatError(
+                f"Checkpoint {resolved} was deleted by a retention policy at {iso_time(manifest.deleted_at)}; "
+                f"bring it back with `lightning-lora-ckpt restore {resolved}` before gc purges it"
+            )
         if with_state and manifest.checkpoint_type != "training":
             raise ValueError(f"{resolved} is a sampler checkpoint; the training state needs a training checkpoint")
         if base_model is not None:

@@ -6,5 +6,8 @@
 - ``storage``: a failing in-memory object store, and a moto S3 server on loopback;
 - ``cli``: the command line in a subprocess;
 - ``resume``: the shuffled 16-step training run the resume tests repeat in new processes;
-- ``saves``: real checkpoint dicts, plans of saves in forked processes, and checks of what a store holds.
+- ``saves``: real checkpoint dicts, plans of saves in forked processes, and checks of what a store holds;
+- ``races``: two spawned processes racing metadata updates, deletions, gc and overwrites round by round;
+- ``overwrites``: a writer process overwriting one checkpoint with two versions while readers load it;
+- ``user_module``: a LightningModule of a user's own, with the plugin (also a training job script).
 """
