@@ -4,6 +4,7 @@ vanished before its commit commits nothing."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from typing import Any
@@ -60,3 +61,31 @@ def test_gc_on_a_host_a_day_ahead_keeps_a_save_in_flight(
     assert store.fs.exists(join(in_flight, "adapter_model.safetensors"))
     monkeypatch.setattr(time, "time", real)
     assert store.incomplete(older_than=0) == [join(root, "run/weights/t2")]
+
+
+def test_two_memory_writers_of_one_name_one_wins_whole() -> None:
+    root = f"memory://{uuid.uuid4().hex}"
+    barrier, outcomes = threading.Barrier(2), []
+
+    def write(step: int) -> None:
+        io = LoRACheckpointIO(root=root, run_id="run", async_save=False)
+        barrier.wait()
+        try:
+            io.save_checkpoint(fake_checkpoint(step), "same", {"overwrite": False})
+            outcomes.append(("done", step))
+        except FileExistsError as err:
+            outcomes.append(("refused", str(err)))
+
+    for _ in range(20):
+        root = f"memory://{uuid.uuid4().hex}"
+        outcomes.clear()
+        threads = [threading.Thread(target=write, args=(step,)) for step in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        done = [o for o in outcomes if o[0] == "done"]
+        assert len(done) == 1 and len(outcomes) == 2, outcomes
+        store = CheckpointStore(root)
+        (checkpoint,) = store.list_checkpoints("run")
+        assert store.verify(checkpoint.path).ok and checkpoint.step == done[0][1]
