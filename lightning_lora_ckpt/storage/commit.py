@@ -6,9 +6,10 @@ holds the one rule every backend shares: saving over a committed checkpoint need
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Literal, overload
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -16,7 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 from ..format.files import FileContent
 from ..format.layout import join
 from ..format.manifest import MANIFEST, Manifest
-from ..format.strict_json import CheckpointFormatError
+from ..format.strict_json import CheckpointFormatError, iso_time, utcnow
 from .fs import CheckpointConflictError, storage_errors, url_to_fs
 from .gcs import GCSManifestLastCommit
 from .local import LocalRenameCommit
@@ -103,9 +104,27 @@ def commit_checkpoint(
     return protocol.commit(uri, path, files, make_manifest, replace)
 
 
+@overload
 def update_manifest(
-    uri: str, change: Callable[[Manifest], Manifest], storage_options: Mapping[str, Any] | None = None
-) -> Manifest:
+    uri: str,
+    change: Callable[[Manifest], Manifest],
+    storage_options: Mapping[str, Any] | None = None,
+    missing_ok: Literal[False] = False,
+) -> Manifest: ...
+
+
+@overload
+def update_manifest(
+    uri: str, change: Callable[[Manifest], Manifest], storage_options: Mapping[str, Any] | None, missing_ok: bool
+) -> Manifest | None: ...
+
+
+def update_manifest(
+    uri: str,
+    change: Callable[[Manifest], Manifest],
+    storage_options: Mapping[str, Any] | None = None,
+    missing_ok: bool = False,
+) -> Manifest | None:
     """Change the mutable metadata of a committed checkpoint: read its manifest, apply ``change``, and write
     the result only if the manifest is still the one read (else read it again and retry).
 
@@ -114,11 +133,13 @@ def update_manifest(
 
     Args:
         uri: the checkpoint directory's URI.
-        change: makes the new manifest from the current one (may raise to refuse, e.g. "already public").
+        change: makes the new manifest from the current one (may raise to refuse, e.g. "already public"); the
+            manifest it was given, returned as is, means there is nothing to write.
         storage_options: fsspec options of the filesystem.
+        missing_ok: return None, rather than raise, if there is no checkpoint at ``uri``.
 
     Returns:
-        The manifest written.
+        The manifest written (or left as it was); None if there is none and ``missing_ok``.
 
     Raises:
         CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
@@ -130,11 +151,16 @@ def update_manifest(
         with storage_errors("update checkpoint", uri):
             current = protocol.read_manifest(uri, path)
         if current is None:
+            if missing_ok:
+                return None
             raise CheckpointFormatError(f"No checkpoint at {uri}: {MANIFEST} is missing (deleted, or never committed)")
         raw, version = current
-        updated = change(Manifest.from_json(raw, join(uri, MANIFEST)))
+        manifest = Manifest.from_json(raw, join(uri, MANIFEST))
+        updated = change(manifest)
+        if updated is manifest:
+            return manifest
         with storage_errors("update checkpoint", uri):
-            if protocol.replace_manifest(path, updated, version):
+            if protocol.replace_manifest(path, updated, version, previous=manifest):
                 return updated
     raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was updated; try again")
 
@@ -183,6 +209,127 @@ def _parsed(uri: str, raw: bytes) -> Manifest | None:
         return Manifest.from_json(raw, join(uri, MANIFEST))
     except CheckpointFormatError:
         return None
+
+
+def protected_reason(manifest: Manifest) -> str | None:
+    """Why nothing but an explicit ``delete`` ever removes this checkpoint: it is published or pinned.
+
+    Args:
+        manifest: the checkpoint's current manifest.
+
+    Returns:
+        The reason, for a log line, or None.
+    """
+    if manifest.public:
+        return "it is published"
+    if manifest.pinned:
+        return "it is pinned"
+    return None
+
+
+def retire_checkpoint(
+    uri: str,
+    storage_options: Mapping[str, Any] | None = None,
+    keep: Callable[[Manifest], str | None] | None = None,
+) -> Manifest | None:
+    """Soft-delete the checkpoint at ``uri``: set its manifest's ``deleted_at`` to now (compare-and-swap).
+
+    Its files stay as they are; it is no longer listed, resumed from or returned by
+    ``CheckpointStore.get``, until ``CheckpointStore.restore`` clears the mark or ``CheckpointStore.gc``
+    purges it after the grace period. This is how retention policies delete.
+
+    A published or pinned checkpoint is never retired, and ``keep`` is asked too, both on the manifest
+    current at the moment of the write: one published, pinned or otherwise changed since the caller looked
+    at it is judged on what it is now (kept ones are logged with the reason).
+
+    Args:
+        uri: the checkpoint directory's URI.
+        storage_options: fsspec options of the filesystem.
+        keep: returns why the checkpoint must stay (None: retire it).
+
+    Returns:
+        The manifest with ``deleted_at`` set (the one written, or the current one if it was already retired:
+        its deletion time is not moved); None if it was kept, or there is no checkpoint at ``uri`` (deleted
+        meanwhile).
+
+    Raises:
+        CheckpointFormatError: its manifest is invalid.
+        CheckpointConflictError: the manifest kept changing under ``UPDATE_ATTEMPTS`` tries.
+        CheckpointWriteError: the storage kept failing.
+    """
+    kept: list[str] = []
+
+    def retire(manifest: Manifest) -> Manifest:
+        kept.clear()  # judged again on each manifest read
+        if manifest.deleted_at is not None:
+            return manifest
+        reason = (keep(manifest) if keep is not None else None) or protected_reason(manifest)
+        if reason is not None:
+            kept.append(reason)
+            return manifest
+        return dataclasses.replace(manifest, deleted_at=utcnow())
+
+    retired = update_manifest(uri, retire, storage_options, missing_ok=True)
+    if retired is None:
+        log.info("Not deleting checkpoint %s: it is gone already", uri)
+    elif kept:
+        log.warning("Not deleting checkpoint %s: %s", uri, kept[0])
+        return None
+    return retired
+
+
+def restore_checkpoint(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest:
+    """Bring back a soft-deleted checkpoint (:func:`retire_checkpoint`): clear ``deleted_at`` (compare-and-swap).
+
+    Only the manifest's mutable part changes; the checksummed files were never touched, so the checkpoint is
+    bit-identical to what was retired.
+
+    Args:
+        uri: the checkpoint directory's URI.
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The manifest written.
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at ``uri`` (purged by ``gc`` after its grace period,
+            deleted, or never committed), or its manifest is invalid.
+        CheckpointConflictError: it is not soft-deleted, or its manifest kept changing.
+        CheckpointWriteError: the storage kept failing.
+    """
+
+    def undelete(manifest: Manifest) -> Manifest:
+        if manifest.deleted_at is None:
+            raise CheckpointConflictError(f"Checkpoint {uri} is not deleted; there is nothing to restore")
+        return dataclasses.replace(manifest, deleted_at=None)
+
+    protocol, path = open_protocol(uri, storage_options)
+    with storage_errors("restore checkpoint", uri):
+        exists = protocol.read_manifest(uri, path) is not None
+    if not exists:
+        raise CheckpointFormatError(
+            f"Nothing to restore at {uri}: no checkpoint is there (purged by gc after its grace period, deleted, "
+            "or never committed)"
+        )
+    return update_manifest(uri, undelete, storage_options)
+
+
+def deleted_error(uri: str, manifest: Manifest) -> CheckpointFormatError:
+    """The error for a soft-deleted checkpoint asked for as if it were there.
+
+    Args:
+        uri: the checkpoint's URI.
+        manifest: its manifest (``deleted_at`` set).
+
+    Returns:
+        A :class:`CheckpointFormatError` saying when it was deleted and how to restore it.
+    """
+    when = iso_time(manifest.deleted_at) if manifest.deleted_at else "?"
+    return CheckpointFormatError(
+        f"Checkpoint {uri} was deleted at {when} (a soft delete, by prune or a retention policy): it is hidden from "
+        f"listings and resume, and gc purges it once the grace period has passed; restore it with "
+        f"`lightning-lora-ckpt restore {uri}` (CheckpointStore.restore)"
+    )
 
 
 def write_if_absent(uri: str, data: bytes, storage_options: Mapping[str, Any] | None = None) -> None:

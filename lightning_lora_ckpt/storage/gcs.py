@@ -97,7 +97,7 @@ class GCSManifestLastCommit(ManifestLastCommit):
         bucket, key, _ = self.fs.split_path(path)
         return await self.fs._call("GET", "b/{}/o/{}", bucket, key, json_out=True)
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         """Upload the new manifest with ``ifGenerationMatch=version``.
 
         Args:

@@ -117,7 +117,7 @@ class LocalRenameCommit(CommitProtocol):
             return None
         return raw, sha256_hex(raw)
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         with _locked(os.path.dirname(path)):
             if self._version(path) != version:
                 return False

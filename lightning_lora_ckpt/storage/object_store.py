@@ -166,7 +166,7 @@ class ManifestLastCommit(CommitProtocol):
             return None
         return raw, sha256_hex(raw)
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         with self._lock:
             current = self.read_manifest(path, path)
             if current is None or current[1] != version:

@@ -83,7 +83,7 @@ class CommitProtocol(abc.ABC):
         """
 
     @abc.abstractmethod
-    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         """Replace the manifest of a committed checkpoint (its mutable metadata), if it is still at ``version``.
 
         Compare-and-swap: two updates racing never lose one another's change, and an update racing a
@@ -93,6 +93,7 @@ class CommitProtocol(abc.ABC):
             path: the checkpoint directory.
             manifest: the new manifest (same files, new metadata).
             version: the version :meth:`read_manifest` returned for the manifest ``manifest`` was made from.
+            previous: that manifest, if the caller has it (S3 then re-tags objects only if their tag changes).
 
         Returns:
             Whether it was replaced; False if the manifest changed or vanished since it was read.

@@ -54,7 +54,7 @@ class S3ManifestLastCommit(ManifestLastCommit):
         async with response["Body"] as body:
             return await body.read(), response["ETag"]
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str) -> bool:
+    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         """Re-tag every object first, so a lifecycle rule never sees a tag shorter than the new expiry, then
         PUT the manifest with ``If-Match``.
 
@@ -62,12 +62,14 @@ class S3ManifestLastCommit(ManifestLastCommit):
             path: the checkpoint folder.
             manifest: the new manifest (same files, new metadata).
             version: the ETag of the manifest it was made from.
+            previous: that manifest: the objects keep their tags if the new manifest's tag is the same.
 
         Returns:
             Whether it was replaced (False: it changed or was deleted since it was read).
         """
+        retag = previous is None or _ttl_tags(previous) != _ttl_tags(manifest)
         try:
-            for name in manifest.files:
+            for name in manifest.files if retag else ():
                 self.fs.put_tags(join(path, name), _ttl_tags(manifest), mode="o")
             self.fs.pipe_file(
                 join(path, MANIFEST), manifest.to_json(), Tagging=urlencode(_ttl_tags(manifest)), IfMatch=version
@@ -121,4 +123,5 @@ def _code(err: BaseException) -> str | None:
 
 
 def _ttl_tags(manifest: Manifest) -> dict[str, str]:
-    return {TTL_TAG: lifecycle_tag(manifest.created_at, manifest.expires_at, manifest.public)}
+    # A pinned checkpoint is kept like a published one: tagged "none", so no bucket rule expires it.
+    return {TTL_TAG: lifecycle_tag(manifest.created_at, manifest.expires_at, manifest.public or manifest.pinned)}

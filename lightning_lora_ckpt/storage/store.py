@@ -1,4 +1,8 @@
-"""``CheckpointStore``: listing, metadata, TTL, publishing, garbage collection, download and verification."""
+"""``CheckpointStore``: listing, metadata, TTL, publishing, download and verification.
+
+Deletion, pins, soft delete, restore, prune and garbage collection are in :mod:`.lifecycle` (a mixin of the
+same class).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from ..format.layout import CheckpointType, default_root, join, resolve, validate_name
@@ -15,25 +19,24 @@ from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, CheckpointPage, Cursor, TrainingRun, VerifyReport
 from ..format.strict_json import CheckpointFormatError, utcnow
 from ..format.ttl import parse_duration
-from ..policy.retention import checkpoint_order, expired, kept_reason, newest
+from ..policy.retention import checkpoint_order, newest
 from .archive import Progress, archive, download
-from .commit import delete_checkpoint, protocol_for, update_manifest
+from .commit import protocol_for, update_manifest
 from .fs import CheckpointConflictError, url_to_fs
-from .listing import is_manifest_path, scan, stale_leftovers
+from .lifecycle import DELETE_GRACE, INCOMPLETE_AFTER, DeletedCheckpoint, Lifecycle, check_live
+from .listing import is_manifest_path, scan
 from .read import read_manifest, verify_checkpoint
 
-#: How old the newest file of an interrupted write must be before ``gc`` removes it: far longer than any
-#: live save goes without creating or finishing a file.
-INCOMPLETE_AFTER = "1d"
+__all__ = ["DELETE_GRACE", "INCOMPLETE_AFTER", "CheckpointStore", "DeletedCheckpoint"]
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointStore:
+class CheckpointStore(Lifecycle):
     """Management of the checkpoints under ``root`` (any fsspec URI; ``$LORA_CKPT_ROOT`` if None).
 
-    Only committed checkpoints (those with a ``checkpoint.json``) are ever listed; listing reads the
-    small manifests (concurrently on object stores), never weight files. Methods taking a ``uri``
+    Only committed checkpoints (those with a ``checkpoint.json``) that are not soft-deleted are ever listed;
+    listing reads the small manifests (concurrently on object stores), never weight files. Methods taking a ``uri``
     accept any fsspec URI of a checkpoint directory or ``lora://run/kind/name``.
 
     Args:
@@ -147,6 +150,12 @@ class CheckpointStore:
         return scan(self.fs, join(self._root_path, validate_name(run_id, "run id")))
 
     def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
+        """The listed run's committed checkpoints that are not soft-deleted, by step then time."""
+        live = [Checkpoint.from_manifest(m, uri) for uri, m in self._manifests(run_id, found) if m.deleted_at is None]
+        return sorted(live, key=checkpoint_order)
+
+    def _manifests(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[tuple[str, Manifest]]:
+        """Every committed checkpoint in a run's listing (soft-deleted ones too): (URI, manifest)."""
         run_path = join(self._root_path, run_id)
         manifests = [p for p in found if is_manifest_path(p, run_path) and self._safe_manifest(p)]
         # At most one byte past the cap: a huge file posing as a manifest is refused without being read.
@@ -161,8 +170,8 @@ class CheckpointStore:
                 manifest = Manifest.from_json(raw, path)
             except CheckpointFormatError:
                 continue  # a damaged manifest is reported by verify(), never offered for resume
-            checkpoints.append(Checkpoint.from_manifest(manifest, self._uri(run_id, kind_dir, name)))
-        return sorted(checkpoints, key=checkpoint_order)
+            checkpoints.append((self._uri(run_id, kind_dir, name), manifest))
+        return checkpoints
 
     def _safe_manifest(self, path: str) -> bool:
         """Whether a listed manifest may be read (locally: a regular file, not a FIFO or a link out)."""
@@ -199,24 +208,28 @@ class CheckpointStore:
                 ids.append(validate_name(name, "run id"))
         return ids
 
-    def get(self, uri: str) -> Checkpoint:
+    def get(self, uri: str, include_deleted: bool = False) -> Checkpoint:
         """The checkpoint at a URI.
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+            include_deleted: also return a soft-deleted checkpoint (see :meth:`deleted`) instead of raising.
 
         Returns:
             Its record.
 
         Raises:
-            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            CheckpointFormatError: there is no committed checkpoint at ``uri``, its manifest is invalid, or it is
+                soft-deleted (the message says when, and how to :meth:`restore` it).
             ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
         uri = self.resolve(uri)
-        return Checkpoint.from_manifest(self.manifest(uri), uri)
+        manifest = self.manifest(uri)
+        return Checkpoint.from_manifest(manifest if include_deleted else check_live(uri, manifest), uri)
 
     def manifest(self, uri: str) -> Manifest:
-        """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions).
+        """The full manifest of the checkpoint at a URI (files, checksums, base model fingerprint, versions), also
+        of a soft-deleted one (``deleted_at`` set).
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
@@ -261,8 +274,10 @@ class CheckpointStore:
 
     # -- mutable metadata -------------------------------------------------------------------------
     def _update(self, uri: str, change: Callable[[Manifest], Manifest]) -> Checkpoint:
+        """Change a committed, not soft-deleted checkpoint's manifest (compare-and-swap)."""
         uri = self.resolve(uri)
-        return Checkpoint.from_manifest(update_manifest(uri, change, self.storage_options), uri)
+        updated = update_manifest(uri, lambda m: change(check_live(uri, m)), self.storage_options)
+        return Checkpoint.from_manifest(updated, uri)
 
     def set_ttl(self, uri: str, ttl_seconds: float | str | None) -> Checkpoint:
         """Expire the checkpoint ``ttl_seconds`` from now (``"7d"`` etc. accepted); None removes the TTL.
@@ -278,7 +293,8 @@ class CheckpointStore:
 
         Raises:
             ValueError: ``ttl_seconds`` is not a positive duration, or ``uri`` is a malformed ``lora://`` URI.
-            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            CheckpointFormatError: there is no committed checkpoint at ``uri`` (or it is soft-deleted), or its
+                manifest is invalid.
         """
         seconds = parse_duration(ttl_seconds)
         expires = utcnow() + timedelta(seconds=seconds) if seconds is not None else None
@@ -295,7 +311,8 @@ class CheckpointStore:
 
         Raises:
             CheckpointConflictError: the checkpoint is already public.
-            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            CheckpointFormatError: there is no committed checkpoint at ``uri`` (or it is soft-deleted), or its
+                manifest is invalid.
             ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
         return self._update(uri, lambda m: _set_public(m, True, uri))
@@ -311,123 +328,11 @@ class CheckpointStore:
 
         Raises:
             CheckpointConflictError: the checkpoint is already private.
-            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
+            CheckpointFormatError: there is no committed checkpoint at ``uri`` (or it is soft-deleted), or its
+                manifest is invalid.
             ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
         return self._update(uri, lambda m: _set_public(m, False, uri))
-
-    # -- deletion ---------------------------------------------------------------------------------
-    def delete(self, uri: str) -> Checkpoint:
-        """Delete a committed checkpoint (its manifest first, so it is never seen half-deleted).
-
-        Args:
-            uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
-
-        Returns:
-            The record of the deleted checkpoint.
-
-        Raises:
-            CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
-            CheckpointWriteError: the storage kept failing.
-            ValueError: ``uri`` is a malformed ``lora://`` URI.
-        """
-        checkpoint = self.get(uri)
-        delete_checkpoint(checkpoint.path, self.storage_options)
-        return checkpoint
-
-    def gc(
-        self,
-        dry_run: bool = False,
-        now: datetime | None = None,
-        incomplete_after: float | str = INCOMPLETE_AFTER,
-        only: Collection[str] | None = None,
-    ) -> list[Checkpoint]:
-        """Delete expired checkpoints and return them (``dry_run``: only return them).
-
-        Never deleted: a run's newest training checkpoint, or a public checkpoint. What interrupted
-        writes left behind (see :meth:`incomplete`) is removed too, once its newest file is older than
-        ``incomplete_after`` on the real clock (``now`` only decides expiry), so a save in flight survives.
-
-        To delete exactly what a dry run showed (e.g. after asking), pass ``only``: the paths of its
-        checkpoints and of the leftovers :meth:`incomplete` listed. Those still due are deleted, nothing else
-        (one published or made the newest meanwhile is kept).
-
-        Args:
-            dry_run: delete nothing; only return what would be deleted.
-            now: the time expiry is judged at (default: the current time).
-            incomplete_after: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
-            only: if given, the URIs (``Checkpoint.path``, :meth:`incomplete`'s URIs) that may be deleted.
-
-        Returns:
-            The expired checkpoints deleted (or, with ``dry_run``, to be deleted).
-
-        Raises:
-            ValueError: ``incomplete_after`` is not a valid age.
-            CheckpointWriteError: the storage kept failing while deleting a checkpoint.
-        """
-        now = now or utcnow()
-        doomed, leftovers, clock = [], {}, self._protocol.now(self._root_path)
-        for run_id in self._run_ids():
-            found = self._scan(run_id)
-            doomed += expired(self._checkpoints(run_id, found), now)
-            leftovers.update(self._leftovers(run_id, found, incomplete_after, clock))
-        if only is not None:
-            allowed = set(only)
-            doomed = [c for c in doomed if c.path in allowed]
-            leftovers = {unit: m for unit, m in leftovers.items() if self._uri_of(unit) in allowed}
-        if not dry_run:
-            doomed = [c for c in doomed if self._delete_if_due(c, now)]
-            for unit, members in leftovers.items():
-                with contextlib.suppress(FileNotFoundError):  # already gone: its writer or another gc finished it
-                    self._protocol.remove_leftover(unit, members)
-        if leftovers:
-            log.info(
-                "gc %s %d leftover(s) of interrupted writes", "would remove" if dry_run else "removed", len(leftovers)
-            )
-        return doomed
-
-    def _delete_if_due(self, checkpoint: Checkpoint, now: datetime) -> bool:
-        """Delete a checkpoint the scan found due, judged again on its manifest at the moment of the deletion."""
-        path = checkpoint.path
-        due = delete_checkpoint(
-            path, self.storage_options, lambda m: kept_reason(Checkpoint.from_manifest(m, path), now)
-        )
-        return due is not None
-
-    def incomplete(self, older_than: float | str = 0) -> list[str]:
-        """URIs of what interrupted writes left, whose newest file is older than ``older_than`` (seconds or "1d").
-
-        Locally that is a hidden ``.<name>.tmp-<uuid>`` or ``.<name>.deleting-<uuid>`` entry; on object
-        stores, the objects of a checkpoint folder without a manifest (with ``older_than=0`` that includes
-        saves still being written). None of it is ever listed as a checkpoint.
-
-        Args:
-            older_than: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
-
-        Returns:
-            The leftovers' URIs under the root.
-
-        Raises:
-            ValueError: ``older_than`` is not a valid age.
-        """
-        clock = self._protocol.now(self._root_path)
-        return [
-            self._uri_of(unit)
-            for run_id in self._run_ids()
-            for unit in self._leftovers(run_id, self._scan(run_id), older_than, clock)
-        ]
-
-    def _leftovers(
-        self, run_id: str, found: dict[str, dict[str, Any]], older_than: float | str, now: float
-    ) -> dict[str, list[str]]:
-        """Leftovers in one run's listing whose every entry is dated and older than ``older_than`` at ``now`` (the
-        storage's clock): path -> entries."""
-        run_path = join(self._root_path, run_id)
-        return stale_leftovers(found, run_path, self._protocol.writes_in_place, older_than, now)
-
-    def _uri_of(self, path: str) -> str:
-        """The URI under the root of a path from this store's filesystem."""
-        return self._uri(path[len(self._root_path.rstrip("/")) + 1 :])
 
     # -- integrity and export ---------------------------------------------------------------------
     def verify(self, uri: str) -> VerifyReport:

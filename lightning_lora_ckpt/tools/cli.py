@@ -12,7 +12,7 @@ from rich.console import Console
 
 from ..format.layout import ROOT_ENV, default_root
 from ..storage.fs import CheckpointWriteError
-from ..storage.store import INCOMPLETE_AFTER, CheckpointStore
+from ..storage.store import DELETE_GRACE, INCOMPLETE_AFTER, CheckpointStore
 from .commands import (
     cmd_archive,
     cmd_delete,
@@ -22,8 +22,11 @@ from .commands import (
     cmd_info,
     cmd_list,
     cmd_merge,
+    cmd_pin,
+    cmd_prune,
     cmd_publish,
     cmd_push_hf,
+    cmd_restore,
     cmd_sample,
     cmd_set_ttl,
     cmd_verify,
@@ -120,16 +123,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", nargs="?")
     p.add_argument("--limit", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
-    add("info", cmd_info, "show a checkpoint's metadata and files", "uri")
+    p.add_argument("--deleted", action="store_true", help="list the soft-deleted checkpoints (restorable) instead")
+    add("info", cmd_info, "show a checkpoint's metadata, metrics and files (a soft-deleted one too)", "uri")
     p = add("set-ttl", cmd_set_ttl, "set (--ttl 7d) or remove (--remove) a checkpoint's expiry", "uri")
     p.add_argument("--ttl", help="seconds, or a number with s/m/h/d/w: 30m, 2h, 7d")
     p.add_argument("--remove", action="store_true")
     add("publish", cmd_publish, "mark a checkpoint public (never garbage-collected)", "uri")
     add("unpublish", cmd_publish, "mark a checkpoint private again", "uri")
-    p = add("delete", cmd_delete, "delete checkpoints")
+    add("pin", cmd_pin, "pin a checkpoint: nothing deletes or replaces it until it is unpinned", "uri")
+    add("unpin", cmd_pin, "unpin a checkpoint", "uri")
+    add("restore", cmd_restore, "bring back a soft-deleted checkpoint (before gc purges it)", "uri")
+    p = add(
+        "prune",
+        cmd_prune,
+        "soft-delete the checkpoints of a run that no rule keeps (published, pinned and the newest training "
+        "checkpoint are always kept)",
+        "run_id",
+    )
+    p.add_argument("--keep-latest", type=int, default=None, metavar="N", help="keep the N newest steps")
+    p.add_argument("--keep-every", type=int, default=None, metavar="N", help="keep the steps divisible by N")
+    p.add_argument(
+        "--keep-best",
+        action="append",
+        default=None,
+        metavar="METRIC:MODE:N",
+        help="keep the N best by a logged metric, MODE min or max, e.g. val_loss:min:2 (repeatable)",
+    )
+    p.add_argument("--max-bytes", default=None, metavar="B", help="byte budget of the run: bytes or 50GB, 1.5GiB")
+    p.add_argument("--separately", action="store_true", help="judge sampler and training checkpoints apart")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p = add("delete", cmd_delete, "delete checkpoints now, for good (a soft-deleted one too; never a pinned one)")
     p.add_argument("uris", nargs="+")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
-    p = add("gc", cmd_gc, "delete expired checkpoints (never a run's newest training checkpoint or a public one)")
+    p = add(
+        "gc",
+        cmd_gc,
+        "delete expired checkpoints and purge soft-deleted ones (never a run's newest training checkpoint, a "
+        "public or a pinned one)",
+    )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p.add_argument(
@@ -137,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_age,
         default=INCOMPLETE_AFTER,
         help=f"remove leftovers of interrupted writes this old: seconds or 30m, 2h, 1d (default {INCOMPLETE_AFTER})",
+    )
+    p.add_argument(
+        "--grace",
+        type=_age,
+        default=DELETE_GRACE,
+        help=f"purge soft-deleted checkpoints deleted this long ago: seconds or 30m, 2h, 1d (default {DELETE_GRACE})",
     )
     add("download", cmd_download, "copy a checkpoint into a local directory, verifying every file", "uri", "output_dir")
     add("archive", cmd_archive, "write a checkpoint as a .tar or .tar.gz (any URI)", "uri", "tar_path")

@@ -21,8 +21,10 @@ from rich.table import Table
 from ..format.layout import ROOT_ENV
 from ..format.records import Checkpoint
 from ..format.strict_json import iso_time
+from ..policy.retention import parse_retention
 from ..storage.archive import extract_archive
-from ..storage.store import CheckpointStore
+from ..storage.fs import CheckpointConflictError
+from ..storage.store import CheckpointStore, DeletedCheckpoint
 
 
 def _human_size(n: float) -> str:
@@ -33,10 +35,16 @@ def _human_size(n: float) -> str:
     return f"{n} B"
 
 
-def _checkpoint_table(title: str, checkpoints: list[Checkpoint]) -> Table:
+def _checkpoint_table(
+    title: str, checkpoints: list[Checkpoint], extra: tuple[str, dict[str, str]] | None = None
+) -> Table:
+    """One row per checkpoint; ``extra``: one more column (its name, and its value by checkpoint path)."""
     table = Table(title=title)
-    for column in ("type", "id", "step", "size", "created", "expires", "public"):
+    for column in ("type", "id", "step", "size", "created", "expires", "public", "pinned"):
         table.add_column(column, no_wrap=True)
+    table.add_column("metrics", overflow="fold")
+    if extra:
+        table.add_column(extra[0], overflow="fold")
     table.add_column("path", overflow="fold")
     for c in checkpoints:
         table.add_row(
@@ -47,6 +55,9 @@ def _checkpoint_table(title: str, checkpoints: list[Checkpoint]) -> Table:
             f"{c.time:%Y-%m-%d %H:%M}",
             f"{c.expires_at:%Y-%m-%d %H:%M}" if c.expires_at else "never",
             "yes" if c.public else "no",
+            "yes" if c.pinned else "no",
+            " ".join(f"{name}={value:.4g}" for name, value in sorted(c.metrics.items())),
+            *([extra[1].get(c.path, "")] if extra else []),
             c.path,
         )
     return table
@@ -84,7 +95,8 @@ def _confirm(args: argparse.Namespace, question: str) -> None:
 
 # -- commands: each returns what --json prints -------------------------------------------------------
 def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    """``list``: the checkpoints of one run (oldest first), or one page of every run's (newest first).
+    """``list``: the checkpoints of one run (oldest first), or one page of every run's (newest first); with
+    ``--deleted`` the soft-deleted ones (of one run or of all), oldest deletion first.
 
     Raises:
         KeyError: ``run_id`` names no run.
@@ -98,6 +110,9 @@ def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console)
         )
     if args.run_id:
         store.get_run(args.run_id)  # an unknown run is an error, not an empty table
+    if args.deleted:
+        return _list_deleted(store.deleted(args.run_id or None), args, console)
+    if args.run_id:
         checkpoints = store.list_checkpoints(args.run_id)
         title, cursor = f"run {args.run_id}", None
     else:
@@ -113,16 +128,28 @@ def cmd_list(store: CheckpointStore, args: argparse.Namespace, console: Console)
     return None
 
 
+def _list_deleted(deleted: list[DeletedCheckpoint], args: argparse.Namespace, console: Console) -> Any:
+    if args.json:
+        return {"checkpoints": [d.to_dict() for d in deleted]}
+    when = {d.checkpoint.path: f"{d.deleted_at:%Y-%m-%d %H:%M}" for d in deleted}
+    title = f"{len(deleted)} soft-deleted checkpoint(s) (lightning-lora-ckpt restore URI brings one back)"
+    console.print(_checkpoint_table(title, [d.checkpoint for d in deleted], ("deleted", when)))
+    return None
+
+
 def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    """``info``: a checkpoint's record and manifest (fingerprint, content sha256, files, versions).
+    """``info``: a checkpoint's record and manifest (fingerprint, content sha256, files, versions); a soft-deleted
+    checkpoint is shown too, with its ``deleted_at``.
 
     Raises:
         CheckpointFormatError: there is no committed checkpoint at the URI, or its manifest is invalid.
         ValueError: the URI is a malformed ``lora://`` URI.
     """
-    checkpoint, manifest = store.get(args.uri), store.manifest(args.uri)
+    manifest = store.manifest(args.uri)
+    checkpoint = store.get(args.uri, include_deleted=True)
     info = {
         **checkpoint.to_dict(),
+        "deleted_at": iso_time(manifest.deleted_at) if manifest.deleted_at else None,
         "epoch": manifest.epoch,
         "base_model_fingerprint": manifest.base_model.fingerprint,
         "content_sha256": manifest.content_sha256,
@@ -135,6 +162,8 @@ def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console)
     for key, value in info.items():
         table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
     console.print(table)
+    if manifest.deleted_at:
+        console.print(f"soft-deleted: lightning-lora-ckpt restore {checkpoint.path} brings it back", highlight=False)
     return None
 
 
@@ -162,15 +191,82 @@ def cmd_publish(store: CheckpointStore, args: argparse.Namespace, console: Conso
     return _say(args, console, c, f"{c.path}: {'public' if c.public else 'private'}")
 
 
+def cmd_pin(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``pin`` / ``unpin``: pin a checkpoint (nothing deletes or replaces it) or unpin it.
+
+    Raises:
+        CheckpointConflictError: the checkpoint is already pinned (or not pinned).
+        CheckpointFormatError: there is no committed checkpoint at the URI (or it is soft-deleted).
+    """
+    c = store.pin(args.uri) if args.command == "pin" else store.unpin(args.uri)
+    return _say(args, console, c, f"{c.path}: {'pinned' if c.pinned else 'not pinned'}")
+
+
+def cmd_restore(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``restore``: bring back a soft-deleted checkpoint before ``gc`` purges it.
+
+    Raises:
+        CheckpointConflictError: the checkpoint is not soft-deleted.
+        CheckpointFormatError: there is no checkpoint at the URI (purged, deleted, or never committed).
+    """
+    c = store.restore(args.uri)
+    return _say(args, console, c, f"restored {c.path}")
+
+
+def cmd_prune(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``prune``: soft-delete the checkpoints of a run that the retention options do not keep, after confirmation
+    unless ``-y`` or ``--dry-run``.
+
+    Raises:
+        KeyError: the run does not exist.
+        ValueError: no retention option, or a bad one.
+        RuntimeError: the confirmation was declined, or cannot be asked (stdin is not a terminal, no ``-y``).
+        CheckpointWriteError: the storage kept failing.
+    """
+    store.get_run(args.run_id)  # an unknown run is an error, not an empty plan
+    retention = parse_retention(args.keep_latest, args.keep_every, args.keep_best or (), args.max_bytes)
+    together = not args.separately
+    plan = store.prune(args.run_id, retention, dry_run=True, together=together)
+    if plan.delete and not args.dry_run:
+        _confirm(
+            args,
+            f"Soft-delete {len(plan.delete)} checkpoint(s) of run {args.run_id} (restorable until gc purges them): "
+            f"{', '.join(c.path for c in plan.delete)}?",
+        )
+        only = [c.path for c in plan.delete]  # what was listed, never more
+        plan = store.prune(args.run_id, retention, together=together, only=only)
+    if plan.over_budget and not args.json:
+        console.print(f"warning: the checkpoints that must be kept alone exceed the budget of {retention!r}")
+    if not args.json:
+        verb = "would soft-delete" if args.dry_run else "soft-deleted"
+        console.print(_checkpoint_table(f"prune {verb} {len(plan.delete)} checkpoint(s)", plan.delete))
+        kept = f"prune keeps {len(plan.keep)} checkpoint(s) of run {args.run_id}"
+        console.print(_checkpoint_table(kept, plan.keep, ("kept because", plan.reasons)))
+    return {
+        "dry_run": args.dry_run,
+        "run_id": args.run_id,
+        "retention": repr(retention),
+        "over_budget": plan.over_budget,
+        "deleted": [c.to_dict() for c in plan.delete],
+        "kept": [{**c.to_dict(), "reason": plan.reasons.get(c.path)} for c in plan.keep],
+    }
+
+
 def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    """``delete``: delete checkpoints, after confirmation unless ``-y``.
+    """``delete``: delete checkpoints for good (a soft-deleted one too), after confirmation unless ``-y``.
 
     Raises:
         RuntimeError: the confirmation was declined.
+        CheckpointConflictError: a checkpoint is pinned (nothing is deleted then).
         CheckpointFormatError: a URI has no committed checkpoint (nothing is deleted then).
         CheckpointWriteError: the storage kept failing.
     """
-    checkpoints = [store.get(uri) for uri in args.uris]
+    checkpoints = [store.get(uri, include_deleted=True) for uri in args.uris]
+    for c in checkpoints:
+        if c.pinned:
+            raise CheckpointConflictError(
+                f"Checkpoint {c.path} is pinned and is never deleted; unpin it first (lightning-lora-ckpt unpin {c.path})"
+            )
     _confirm(args, f"Delete {len(checkpoints)} checkpoint(s): {', '.join(c.path for c in checkpoints)}?")
     for c in checkpoints:
         store.delete(c.path)
@@ -180,22 +276,24 @@ def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Consol
 
 
 def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
-    """``gc``: delete expired checkpoints and leftovers of interrupted writes, after confirmation unless ``-y``.
+    """``gc``: delete expired checkpoints, purge soft-deleted ones older than ``--grace``, and remove leftovers of
+    interrupted writes, after confirmation unless ``-y``.
 
     Raises:
         RuntimeError: the confirmation was declined, or cannot be asked (stdin is not a terminal, no ``-y``).
         CheckpointWriteError: the storage kept failing.
     """
-    planned = store.gc(dry_run=True, incomplete_after=args.incomplete_after)
+    planned = store.gc(dry_run=True, incomplete_after=args.incomplete_after, grace=args.grace)
     leftovers = store.incomplete(args.incomplete_after)
     if (planned or leftovers) and not args.dry_run:
         listed = [c.path for c in planned] + leftovers
         _confirm(
             args,
-            f"Delete {len(planned)} expired checkpoint(s) and {len(leftovers)} leftover(s) of interrupted writes: "
-            f"{', '.join(listed)}?",
+            f"Delete {len(planned)} expired or soft-deleted checkpoint(s) and {len(leftovers)} leftover(s) of "
+            f"interrupted writes: {', '.join(listed)}?",
         )
-        planned = store.gc(incomplete_after=args.incomplete_after, only=listed)  # what was listed, never more
+        # what was listed, never more
+        planned = store.gc(incomplete_after=args.incomplete_after, only=listed, grace=args.grace)
     if not args.json:
         verb = "would delete" if args.dry_run else "deleted"
         console.print(_checkpoint_table(f"gc {verb} {len(planned)} checkpoint(s)", planned))
