@@ -38,6 +38,7 @@ class CheckpointPayload:
         epoch: the epoch.
         state_tree: the encoded training state's JSON tree (``training_state.json``), or None.
         state_tensors: its tensors by name (``training_state.safetensors``).
+        metrics: the scalar metrics logged when it was saved, by name (the manifest's ``metrics``).
     """
 
     checkpoint_type: CheckpointType
@@ -49,6 +50,7 @@ class CheckpointPayload:
     epoch: int
     state_tree: Any = None
     state_tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def lora_rank(self) -> int:
@@ -127,6 +129,7 @@ class CheckpointPayload:
             user_metadata=manifest.user_metadata,
             step=manifest.step,
             epoch=manifest.epoch,
+            metrics=dict(manifest.metrics),
         )
         if STATE_TENSORS in files:
             payload.state_tensors = load_tensors(files[STATE_TENSORS], f"{source}/{STATE_TENSORS}")

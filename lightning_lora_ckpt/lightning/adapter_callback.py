@@ -3,15 +3,21 @@
 Installed with the package, it is added to every Trainer through Lightning's
 ``lightning.pytorch.callbacks_factory`` entry point, and acts only on Trainers whose checkpoint plugin is a
 :class:`LoRACheckpointIO`. At setup it binds the module's PEFT adapter (refusing a module without one, with
-the fix) and points every ``ModelCheckpoint`` without a ``dirpath`` at the run's folders; at the start of
-training it checks that the state can be stored without pickle; on resume it restores the RNG states.
+the fix), has the plugin record the Trainer's scalar ``callback_metrics`` in every checkpoint's manifest,
+and points every ``ModelCheckpoint`` without a ``dirpath`` at the run's folders; at the start of
+training it checks that the state can be stored without pickle; on resume it restores the RNG states
+(and forgets the loaders' state of an epoch that had ended).
 The plugin itself picks the bound adapter out of every checkpoint dict it saves.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
@@ -20,6 +26,7 @@ from ..format import layout
 from ..format.state_codec import StateEncodingError, encode_state
 from .checkpoint_dict import AdapterBinding
 from .checkpoint_io import LoRACheckpointIO
+from .resume import forget_finished_epoch_loader_state
 
 
 def lora_checkpoint_io(trainer: Trainer) -> LoRACheckpointIO | None:
@@ -54,6 +61,7 @@ class LoRAAdapterCheckpointing(Callback):
         self.binding = existing if isinstance(existing, AdapterBinding) else AdapterBinding.of_module(pl_module)
         io.adapter_binding = self.binding
         io.bound_module = pl_module
+        io.metrics_source = functools.partial(logged_metrics, trainer)
         # Only the adapter is in a checkpoint's state_dict; the plugin checks keys and shapes itself.
         pl_module.strict_loading = False
         io.run_id = trainer.strategy.broadcast(io.ensure_run_id())
@@ -117,6 +125,39 @@ class LoRAAdapterCheckpointing(Callback):
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.binding is not None:
             self.binding.restore_rng(checkpoint)
+            forget_finished_epoch_loader_state(checkpoint)  # before Lightning restores the loops
+
+
+def logged_metrics(trainer: Trainer) -> dict[str, float]:
+    """The Trainer's scalar ``callback_metrics`` now, as a manifest records them (:func:`scalar_metrics`)."""
+    return scalar_metrics(trainer.callback_metrics)
+
+
+def scalar_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics a manifest records: finite numbers and one-element tensors, as floats, by name.
+
+    Other values (tensors of several elements, strings, booleans, NaN or infinite numbers), names of more than
+    200 characters and any beyond the first 1,000 are left out (the manifest's limits).
+
+    Args:
+        metrics: e.g. the Trainer's ``callback_metrics``.
+
+    Returns:
+        The metrics, in their order.
+    """
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if len(out) >= 1000:
+            break
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex():
+                continue
+            value = value.detach().item()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not isinstance(name, str):
+            continue
+        if len(name) <= 200 and math.isfinite(value):
+            out[name] = float(value)
+    return out
 
 
 def callbacks() -> list[Callback]:

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -19,12 +19,19 @@ from ..format import layout
 from ..format.layout import CheckpointType
 from ..format.manifest import MANIFEST, FileEntry, Manifest
 from ..format.payload import CheckpointPayload
-from ..format.records import RUN_FILE, TrainingRun
+from ..format.records import RUN_FILE, Checkpoint, TrainingRun
 from ..format.strict_json import CheckpointFormatError, utcnow
-from ..storage.commit import commit_checkpoint, delete_checkpoint, write_if_absent
+from ..storage.commit import (
+    commit_checkpoint,
+    delete_checkpoint,
+    protected_reason,
+    retire_checkpoint,
+    write_if_absent,
+)
 from ..storage.fs import CheckpointWriteError, storage_errors, url_to_fs
 from ..storage.loading import open_checkpoint
 from ..storage.read import read_manifest
+from ..storage.store import CheckpointStore
 from .async_io import AsyncSaves
 from .checkpoint_dict import (
     LORA_KEY,
@@ -35,6 +42,7 @@ from .checkpoint_dict import (
     versions,
 )
 from .fabric_support import from_fabric, is_fabric_state, to_fabric
+from .local_tier import LocalTier, newest_of
 from .resume import install_last_checkpoint_lookup, install_restore_after_setup
 
 log = logging.getLogger(__name__)
@@ -64,6 +72,9 @@ class LoRACheckpointIO(CheckpointIO):
             a type (training or sampler) has failed, deletions of checkpoints of that type (a rolling or
             ``keep_last`` one) are skipped, so older ones stay: a failed training save followed by a
             sampler save that succeeds never lets the last training checkpoint go.
+        local_tier: a local directory (fast NVMe) that saves commit to first; each one is then mirrored to
+            ``root`` in the background, in order, verified (``lightning.local_tier``). Mirror failures are raised or
+            warned per ``on_error``; ``ckpt_path="last"`` takes the newest training checkpoint of either tier.
 
     ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
     "overwrite": ...}``. Saving to an existing name replaces it atomically, as Lightning does, except a
@@ -82,6 +93,7 @@ class LoRACheckpointIO(CheckpointIO):
         async_save: bool = True,
         storage_options: dict[str, Any] | None = None,
         on_error: OnError = "raise",
+        local_tier: str | os.PathLike[str] | None = None,
     ) -> None:
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
@@ -102,6 +114,14 @@ class LoRACheckpointIO(CheckpointIO):
         #: Set by the plugin's callback: True while a Trainer fits, False once a fit has ended (saves then commit
         #: before they return); None for an IO no Trainer has used (direct calls, Fabric: asynchronous).
         self.fitting: bool | None = None
+        #: The scalar metrics recorded in each checkpoint's manifest, asked at each save (set by the plugin's callback
+        #: at setup: the Trainer's ``callback_metrics``); None records none (Fabric).
+        self.metrics_source: Callable[[], dict[str, float]] | None = None
+        #: The fast local tier saves commit to before they are mirrored to ``root`` (None: saves go to ``root``).
+        self.local_tier = (
+            LocalTier(local_tier, self.root, self.storage_options, self._mirror_failed) if local_tier else None
+        )
+        self._mirror_error: CheckpointWriteError | None = None
         install_last_checkpoint_lookup(LoRACheckpointIO)
         install_restore_after_setup(LoRACheckpointIO)
 
@@ -174,6 +194,7 @@ class LoRACheckpointIO(CheckpointIO):
             CheckpointWriteError: the storage kept failing (synchronous saves, ``on_error="raise"``).
         """
         self._async.raise_failed()
+        self._raise_mirror_failed()
         ttl_seconds, extra_metadata, overwrite = _parse_save_options(storage_options)
         if self.adapter_binding is not None and LORA_KEY not in checkpoint:
             if self._fabric_key is not None and is_fabric_state(checkpoint):
@@ -182,6 +203,7 @@ class LoRACheckpointIO(CheckpointIO):
                 self.adapter_binding.to_checkpoint(checkpoint)
         background = self._background()
         payload = payload_from_checkpoint(checkpoint, defer_copy=background is not None)
+        payload.metrics = self.metrics_source() if self.metrics_source is not None else {}
         uri = self.resolve(path, payload.checkpoint_type)
         checkpoint_layout = layout.split_checkpoint_uri(uri)
         if not checkpoint_layout:
@@ -243,43 +265,101 @@ class LoRACheckpointIO(CheckpointIO):
 
         - while the last save of its type (training or sampler) queued before it has failed: a deletion
           only follows the commit of the checkpoint that replaces it;
-        - if it is published (``CheckpointStore.publish``), judged at the moment of the deletion: rotations never
-          delete a published checkpoint.
+        - if it is published or pinned (``CheckpointStore.publish``, ``pin``), judged at the moment of the
+          deletion: rotations never delete a published or pinned checkpoint.
         """
-
         text = os.fspath(path)
         if text.endswith(CKPT_SUFFIX) and os.path.islink(text):  # a save_last="link" link: only the link goes
             os.remove(text)
             return
 
-        def delete() -> None:
-            with storage_errors("delete checkpoint", os.fspath(path)):
-                uri = self.resolve_existing(path)  # here, so the lookup sees every earlier queued save
-                try:
-                    manifest: Manifest | None = read_manifest(uri, self.storage_options)
-                except CheckpointFormatError:  # nothing committed there (leftovers are still removed)
-                    manifest = None
-            in_layout = layout.split_checkpoint_uri(uri)
-            kind = manifest.checkpoint_type if manifest else in_layout[2] if in_layout else None
-            if any(self._save_failed[t] for t in ((kind,) if kind else tuple(self._save_failed))):
-                log.warning(
-                    "Not deleting checkpoint %s: the last %s save before it failed, so it may be the newest one left",
-                    os.fspath(path),
-                    kind or "checkpoint",
-                )
-                return
-            delete_checkpoint(uri, self.storage_options, _published)
+        self.after_saves(lambda: self._delete(path, retire=False))
 
+    def retire_after_saves(self, select: Callable[[], Iterable[_PATH]]) -> None:
+        """Soft-delete (``storage.commit.retire_checkpoint``) the checkpoints ``select()`` names, once every save and
+        deletion queued before this call has finished: ``select`` runs then, so it sees their commits.
+
+        Each one is skipped as :meth:`remove_checkpoint` skips a deletion (the last save of its type failed; it
+        is published or pinned, judged at the moment). Rank 0 only, like every ``CheckpointIO`` call.
+
+        Args:
+            select: returns the checkpoints to retire (paths or URIs); it runs in the writer thread while saves
+                are asynchronous.
+        """
+
+        def retire() -> None:
+            for path in select():
+                self._delete(path, retire=True)
+
+        self.after_saves(retire)
+
+    def after_saves(self, job: Callable[[], Any]) -> None:
+        """Run ``job`` (which queues nothing) after every save and deletion queued before it: in the background while
+        saves run there, else now; its errors are handled as a deletion's (``on_error``)."""
         background = self._background()
         if background is not None:
-            background.submit(delete, None)
+            background.submit(job, None)
         else:
-            self._run(delete, None)
+            self._run(job, None)
+
+    def _delete(self, path: _PATH, retire: bool) -> None:
+        """Delete (or soft-delete) a checkpoint now, unless the last save of its type failed or it is protected."""
+        with storage_errors("delete checkpoint", os.fspath(path)):
+            uri = self.resolve_existing(path)  # here, so the lookup sees every earlier queued save
+            try:
+                manifest: Manifest | None = read_manifest(uri, self.storage_options)
+            except CheckpointFormatError:  # nothing committed there (leftovers are still removed)
+                manifest = None
+        in_layout = layout.split_checkpoint_uri(uri)
+        kind = manifest.checkpoint_type if manifest else in_layout[2] if in_layout else None
+        if any(self._save_failed[t] for t in ((kind,) if kind else tuple(self._save_failed))):
+            log.warning(
+                "Not deleting checkpoint %s: the last %s save before it failed, so it may be the newest one left",
+                os.fspath(path),
+                kind or "checkpoint",
+            )
+            return
+        delete = retire_checkpoint if retire else delete_checkpoint
+        if self.local_tier is None:
+            delete(uri, self.storage_options, _protected)
+            return
+        tier = self.local_tier  # behind the mirror of what it deletes, then its local copy too
+
+        def both() -> None:
+            if delete(uri, self.storage_options, _protected) is not None:
+                tier.forget(uri)
+
+        tier.submit(both, f"delete checkpoint {uri} from")
 
     @override
     def teardown(self) -> None:
-        """Wait for every pending write; raise the first error."""
+        """Wait for every pending write and mirror; raise the first error."""
         self._async.close()
+        if self.local_tier is not None:
+            self.local_tier.close()
+        self._raise_mirror_failed()
+
+    def last_training_checkpoint(self) -> Checkpoint | None:
+        """The run's newest committed training checkpoint, of either tier (what ``ckpt_path="last"`` resumes).
+
+        Returns:
+            Its record, or None if the run (or its id) has none.
+        """
+        if self.run_id is None:
+            return None
+        durable = CheckpointStore(self.root, self.storage_options).last_checkpoint(self.run_id, "training")
+        return newest_of(durable, self.local_tier.newest(self.run_id) if self.local_tier else None)
+
+    def _mirror_failed(self, err: CheckpointWriteError) -> None:
+        if self.on_error == "warn":
+            log.warning("%s; the checkpoint stays in the local tier (LoRACheckpointIO on_error='warn')", err)
+        elif self._mirror_error is None:
+            self._mirror_error = err
+
+    def _raise_mirror_failed(self) -> None:
+        err, self._mirror_error = self._mirror_error, None
+        if err is not None:
+            raise err
 
     # -- background writing -----------------------------------------------------------------------
     @property
@@ -293,8 +373,11 @@ class LoRACheckpointIO(CheckpointIO):
         self._async.wait_for_snapshots()
 
     def wait(self) -> None:
-        """Block until every queued save and deletion has finished; raise the first error."""
+        """Block until every queued save, deletion and mirror has finished; raise the first error."""
         self._async.wait()
+        if self.local_tier is not None:
+            self.local_tier.wait()
+        self._raise_mirror_failed()
 
     def _background(self) -> AsyncSaves | None:
         """Where saves and deletions run: in the background, except after a Trainer's fit has ended: then now,
@@ -328,6 +411,8 @@ class LoRACheckpointIO(CheckpointIO):
         self, payload: CheckpointPayload, uri: str, ttl_seconds: float | None, overwrite: bool | None
     ) -> Manifest:
         created = utcnow()
+        durable, local = uri, self.local_tier.local_uri(uri) if self.local_tier else None
+        uri, options = (local, {}) if local else (uri, self.storage_options)
         checkpoint_layout = layout.split_checkpoint_uri(uri)
         if checkpoint_layout:
             run_root, run_id, _, name = checkpoint_layout
@@ -341,7 +426,7 @@ class LoRACheckpointIO(CheckpointIO):
                 user_metadata=payload.user_metadata,
             )
             with storage_errors("write checkpoint", uri):  # run.json is part of a run's first save
-                write_if_absent(layout.join(run_root, run_id, RUN_FILE), run.to_json(), self.storage_options)
+                write_if_absent(layout.join(run_root, run_id, RUN_FILE), run.to_json(), options)
         else:
             run_id, name = self.ensure_run_id(), uri.rsplit("/", 1)[-1]
 
@@ -359,11 +444,13 @@ class LoRACheckpointIO(CheckpointIO):
                 expires_at=created + timedelta(seconds=ttl_seconds) if ttl_seconds else None,
                 user_metadata=payload.user_metadata,
                 versions=versions(),
+                metrics=payload.metrics,
             )
 
-        return commit_checkpoint(
-            uri, payload.to_files(), make_manifest, self.storage_options, replace=overwrite is not False
-        )
+        manifest = commit_checkpoint(uri, payload.to_files(), make_manifest, options, replace=overwrite is not False)
+        if local and self.local_tier:
+            self.local_tier.mirror(local, durable)
+        return manifest
 
 
 def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None, dict[str, Any], bool | None]:
@@ -389,6 +476,7 @@ def _parse_save_options(options: Mapping[str, Any] | None) -> tuple[float | None
     return ttl, metadata, overwrite
 
 
-def _published(manifest: Manifest) -> str | None:
-    """Why a rotation keeps a checkpoint: it is published."""
-    return "it is published (unpublish it to let it be deleted)" if manifest.public else None
+def _protected(manifest: Manifest) -> str | None:
+    """Why a rotation keeps a checkpoint: it is published or pinned."""
+    reason = protected_reason(manifest)
+    return f"{reason} (unpublish or unpin it to let it be deleted)" if reason else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -31,12 +32,15 @@ from ..modeling.sampling import SamplingClient, snapshot_identity
 from ..storage.loading import open_checkpoint
 from .checkpoint_dict import LORA_KEY, AdapterBinding, check_optimizer_states, checkpoint_from_opened
 from .checkpoint_io import LoRACheckpointIO
+from .resume import install_ckpt_path_record, selected_ckpt_path
 
 if TYPE_CHECKING:
     from lightning.fabric.utilities.data import AttributeDict
 
 # optimizer name -> its class in bitsandbytes.optim (empty for torch's AdamW).
 _OPTIMIZERS = {"adamw": "", "adamw8bit": "AdamW8bit", "paged_adamw8bit": "PagedAdamW8bit"}
+log = logging.getLogger(__name__)
+install_ckpt_path_record()  # setup() learns whether the Trainer restores a checkpoint
 
 
 def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -69,6 +73,10 @@ class LoRAModule(LightningModule):
         allow_pickle: also load a local or Hub base with only pickled (``.bin``) weights, which can run code when
             unpickled: only for a ``base_model`` you trust. By default only safetensors weights load. Never
             recorded in checkpoints: ``from_checkpoint`` loads the base a checkpoint names from safetensors only.
+        init_from: a sampler or training checkpoint (any fsspec URI, local path or ``lora://``, resolved against
+            the Trainer's ``LoRACheckpointIO`` root) whose adapter the module starts from, weights only
+            (optimizer fresh, step 0; MaxText's ``load_parameters_path``), loaded at its first ``setup`` unless
+            the Trainer restores a checkpoint (see :meth:`setup` for the order).
 
     Batches are dicts with ``input_ids``, ``target_tokens`` and ``weights`` (and optionally ``attention_mask``).
     """
@@ -100,6 +108,7 @@ class LoRAModule(LightningModule):
         sampler_dtype: str | None = None,
         revision: str | None = None,
         allow_pickle: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["allow_pickle"])
@@ -127,6 +136,8 @@ class LoRAModule(LightningModule):
         self.model: PeftModel = new_peft_model(base, lora_config, base_model, seed)
         self.adapter_binding = AdapterBinding(self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype)
         self._restore_optimizer_from: dict[str, Any] | None = None
+        #: Whether the adapter's weights are chosen already (loaded, restored or set up once): init_from is not applied.
+        self._weights_chosen = False
 
     @property
     def user_metadata(self) -> dict[str, Any]:
@@ -157,6 +168,39 @@ class LoRAModule(LightningModule):
         loss = self.loss(batch)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    @override
+    def setup(self, stage: str) -> None:
+        """Choose where the adapter's weights start, and log the choice (``lightning_lora_ckpt`` logger, INFO).
+
+        The order: a checkpoint the Trainer restores (an explicit ``ckpt_path``, or ``ckpt_path="last"`` when the
+        run has a committed training checkpoint) > ``init_from``, loaded here at the module's first setup
+        (weights only) > fresh. Once a module has been set up, loaded or restored, ``init_from`` is not
+        applied again. Subclasses overriding ``setup`` call ``super().setup(stage)``.
+
+        Raises:
+            CheckpointFormatError: ``init_from`` is missing, damaged or malformed.
+            ValueError: its adapter does not fit this module (another base, LoRA config or tensors).
+        """
+        trainer = self.trainer
+        restoring = selected_ckpt_path(trainer)
+        init_from = self.hparams.get("init_from")
+        if restoring is not None:
+            choice = f"resuming from {restoring}"
+        elif init_from and not self._weights_chosen:
+            io = trainer.strategy.checkpoint_io
+            root, options = (io.root, io.storage_options) if isinstance(io, LoRACheckpointIO) else (None, None)
+            opened = open_checkpoint(init_from, root, options, with_state=False)
+            checkpoint = checkpoint_from_opened(opened)
+            self.load_adapter(checkpoint["state_dict"], checkpoint[LORA_KEY])
+            choice = f"starting from the weights of {opened.uri} (init_from)"
+        elif self._weights_chosen:
+            choice = "starting from the module's current weights"
+        else:
+            choice = "starting fresh"
+        self._weights_chosen = True
+        if stage == "fit" and trainer.is_global_zero:
+            log.info("LoRAModule: %s", choice)
 
     @override
     def configure_model(self) -> None:
@@ -221,6 +265,7 @@ class LoRAModule(LightningModule):
         """
         check_servable_config(lora["adapter_config"], lora.get("source", "the checkpoint"))
         self.adapter_binding.load(state_dict, lora, self, self._strategy_model())
+        self._weights_chosen = True
 
     def _strategy_model(self) -> Any:
         return self._trainer.strategy.model if self._trainer is not None else None
