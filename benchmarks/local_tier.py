@@ -1,0 +1,100 @@
+"""The fast local tier versus a direct S3 save: how long a training save blocks, side by side in one run.
+
+A synthetic training state of the Qwen3-0.6B shape (LoRA r=16 on the 7 linear projections of 28 layers,
+float32, plus AdamW's two moments: about 120 MB) is saved through ``LoRACheckpointIO`` straight to a moto
+S3 server on loopback, and through ``LoRACheckpointIO(local_tier=...)``, whose save returns after the local
+commit while the mirror uploads in the background (its time to durable is reported too):
+
+    python benchmarks/local_tier.py [--repeats 3] [--layers 28]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import torch
+from _common import BUCKET, moto_s3, quiet
+
+from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
+
+#: (name, in features, out features) of the Qwen3-0.6B projections.
+PROJECTIONS = [
+    ("q_proj", 1024, 2048),
+    ("k_proj", 1024, 1024),
+    ("v_proj", 1024, 1024),
+    ("o_proj", 2048, 1024),
+    ("gate_proj", 1024, 3072),
+    ("up_proj", 1024, 3072),
+    ("down_proj", 3072, 1024),
+]
+
+
+def training_state(layers: int, rank: int, step: int) -> dict[str, Any]:
+    """A Lightning checkpoint dict of that shape: the adapter and AdamW moments, random values."""
+    adapter, moments = {}, {}
+    for layer in range(layers):
+        for name, fan_in, fan_out in PROJECTIONS:
+            prefix = f"base_model.model.model.layers.{layer}.{name}"
+            for key, shape in (
+                (f"{prefix}.lora_A.weight", (rank, fan_in)),
+                (f"{prefix}.lora_B.weight", (fan_out, rank)),
+            ):
+                adapter[key] = torch.randn(shape)
+                moments[len(moments)] = {"exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape), "step": step}
+    config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": [n for n, _, _ in PROJECTIONS], "peft_type": "LORA"}
+    return {
+        "state_dict": adapter,
+        "lora_ckpt": {"adapter_config": config, "base_model": {"name_or_path": "qwen3-0.6b", "fingerprint": "0" * 64}},
+        "global_step": step,
+        "epoch": 0,
+        "optimizer_states": [{"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]}],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=28)
+    args = parser.parse_args()
+    quiet()
+    state = training_state(args.layers, 16, 1)
+    with moto_s3() as options, tempfile.TemporaryDirectory() as tier:
+        root = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+        direct = LoRACheckpointIO(root=root, run_id="direct", async_save=False, storage_options=options)
+        tiered = LoRACheckpointIO(
+            root=root, run_id="tiered", async_save=False, storage_options=options, local_tier=tier
+        )
+        times: dict[str, list[float]] = {"direct_s3_save": [], "local_tier_save": [], "local_tier_to_durable": []}
+        for k in range(args.repeats):  # side by side, alternating
+            start = time.perf_counter()
+            direct.save_checkpoint(state, f"s{k}")
+            times["direct_s3_save"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            tiered.save_checkpoint(state, f"s{k}")
+            times["local_tier_save"].append(time.perf_counter() - start)
+            tiered.wait()
+            times["local_tier_to_durable"].append(time.perf_counter() - start)
+        size = CheckpointStore(root, options).last_checkpoint("tiered").size_bytes
+        ok = all(c.size_bytes == size for c in CheckpointStore(root, options).list_checkpoints("tiered"))
+    medians = {name: round(statistics.median(values), 3) for name, values in times.items()}
+    result = {
+        "state_bytes": size,
+        "repeats": args.repeats,
+        "median_seconds": medians,
+        "all_seconds": {name: [round(v, 3) for v in values] for name, values in times.items()},
+        "save_blocking_ratio_local_tier_vs_direct": round(medians["local_tier_save"] / medians["direct_s3_save"], 3),
+        "mirrored_checkpoints_complete": ok,
+    }
+    json.dump(result, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
