@@ -36,6 +36,12 @@ _EXPORTS = {
     "SamplingParams": "modeling.sampling",
     "StateEncodingError": "format.state_codec",
     "TrainingRun": "format.records",
+    "KeepBest": "policy.rules",
+    "KeepEvery": "policy.rules",
+    "KeepLatest": "policy.rules",
+    "MaxBytes": "policy.rules",
+    "Retention": "policy.rules",
+    "RetentionPlan": "policy.retention",
 }
 __all__ = [
     "Checkpoint",
@@ -47,12 +53,18 @@ __all__ = [
     "HubPublishError",
     "HubPublisher",
     "JSONLDataModule",
+    "KeepBest",
+    "KeepEvery",
+    "KeepLatest",
     "LoRAAdapterCheckpointing",
     "LoRACheckpointIO",
     "LoRAFSDPStrategy",
     "LoRAModelParallelStrategy",
     "LoRAModule",
+    "MaxBytes",
     "PeriodicCheckpoint",
+    "Retention",
+    "RetentionPlan",
     "SamplingClient",
     "SamplingParams",
     "StateEncodingError",
@@ -78,6 +90,8 @@ if TYPE_CHECKING:
     from .lightning.strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
     from .modeling.base import load_base_model, load_tokenizer
     from .modeling.sampling import SamplingClient, SamplingParams
+    from .policy.retention import RetentionPlan
+    from .policy.rules import KeepBest, KeepEvery, KeepLatest, MaxBytes, Retention
     from .storage.archive import extract_archive
     from .storage.fs import CheckpointConflictError, CheckpointWriteError
     from .storage.hub import HubPublishError, push_to_hub
