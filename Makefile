@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-stress lint bench clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,11 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not stress"
+
+# Real processes racing, killed (SIGKILL) and signalled (SIGTERM) many times: a separate step of .ci/run.
+test-stress: $(STAMP)
+	$(BIN)/pytest -q -m stress
 
 # Every checkpoint path side by side on a Qwen3-0.6B-shaped model; rewrites docs/benchmarks.{md,json}.
 bench: $(STAMP)

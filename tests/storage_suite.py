@@ -280,6 +280,7 @@ class CrossProcessContract(StorageContract):
         cli_json("delete", "-y", "lora://run/sampler_weights/s2", *populated)
         assert [c["checkpoint_id"] for c in cli_json("list", "run", *populated)["checkpoints"]] == ["weights/t3"]
 
+    @pytest.mark.stress
     def test_two_writers_same_run(self, source: Source) -> None:
         root, options = self.uri, self.options
         plans = [writer_plan(w, rounds=5) for w in range(2)]
@@ -318,6 +319,7 @@ class CrossProcessContract(StorageContract):
                 assert outcomes[name] == {"done": listed[name]}
 
     @pytest.mark.parametrize("incomplete_after", ["1d", 0])
+    @pytest.mark.stress
     def test_gc_during_saves(self, incomplete_after: float | str, source: Source) -> None:
         root, options = self.uri, self.options
         store = CheckpointStore(root, options)
@@ -349,6 +351,7 @@ class CrossProcessContract(StorageContract):
         for name in set(listed) & set(overwrites):
             assert listed[name] in {v for item, v in plan if key(item) == name} | {DAMAGED}
 
+    @pytest.mark.stress
     def test_sigkill_at_random_points_of_saves(self, source: Source) -> None:
         """A process SIGKILLed at any point of real saves never loses or half-exposes a checkpoint.
 

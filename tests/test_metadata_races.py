@@ -16,6 +16,8 @@ from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 from lightning_lora_ckpt.format.layout import join
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
 
+pytestmark = pytest.mark.stress
+
 ROUNDS = 6
 
 

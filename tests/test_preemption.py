@@ -25,6 +25,8 @@ import pytest
 from helpers.resume import adapter, train
 from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 
+pytestmark = pytest.mark.stress
+
 TESTS = Path(__file__).resolve().parent
 
 CHILD = textwrap.dedent(

@@ -93,6 +93,7 @@ def _race(uri: str, options: dict[str, Any], end: float) -> tuple[Counter[str], 
     return counts, wrong
 
 
+@pytest.mark.stress
 def test_loads_during_overwrites_are_one_version_whole(
     backend: tuple[str, str, dict[str, Any]], caplog: pytest.LogCaptureFixture
 ) -> None:
