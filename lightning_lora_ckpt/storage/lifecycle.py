@@ -79,30 +79,14 @@ class Lifecycle:
     _root_path: str
     _protocol: CommitProtocol
 
-    def resolve(self, uri: str) -> str:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def list_checkpoints(self, run_id: str) -> list[Checkpoint]:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def _run_ids(self) -> list[str]:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def _uri(self, *parts: str) -> str:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def _scan(self, run_id: str) -> dict[str, dict[str, Any]]:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def _manifests(
-        self, run_id: str, found: dict[str, dict[str, Any]]
-    ) -> list[tuple[str, Manifest]]:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
-
-    def _update(
-        self, uri: str, change: Callable[[Manifest], Manifest]
-    ) -> Checkpoint:  # pragma: no cover - provided by CheckpointStore
-        raise NotImplementedError
+    # Provided by CheckpointStore (the listing primitives this mixin builds on).
+    resolve: Callable[[str], str]
+    list_checkpoints: Callable[[str], list[Checkpoint]]
+    _run_ids: Callable[[], list[str]]
+    _uri: Callable[..., str]
+    _scan: Callable[[str], dict[str, dict[str, Any]]]
+    _manifests: Callable[[str, dict[str, dict[str, Any]]], list[tuple[str, Manifest]]]
+    _update: Callable[[str, Callable[[Manifest], Manifest]], Checkpoint]
 
     # -- pins ---------------------------------------------------------------------------------------
     def pin(self, uri: str) -> Checkpoint:
