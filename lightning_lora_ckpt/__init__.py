@@ -12,6 +12,15 @@ from typing import TYPE_CHECKING, Any
 from .format.version import __version__
 
 _EXPORTS = {
+    "check_servable": "modeling.servable",
+    "DeploymentSampler": "modeling.deployment",
+    "hotload": "modeling.hotload",
+    "NotServableError": "modeling.servable",
+    "ServableReport": "modeling.servable",
+    "ServedAdapter": "modeling.hotload",
+    "ServedIdentityError": "modeling.deployment",
+    "VLLMHotload": "lightning.vllm_hotload",
+    "VLLMServerError": "modeling.vllm_client",
     "Checkpoint": "format.records",
     "CheckpointConflictError": "storage.fs",
     "CheckpointFormatError": "format.strict_json",
@@ -50,6 +59,7 @@ __all__ = [
     "CheckpointStore",
     "CheckpointTTL",
     "CheckpointWriteError",
+    "DeploymentSampler",
     "HubPublishError",
     "HubPublisher",
     "JSONLDataModule",
@@ -62,15 +72,23 @@ __all__ = [
     "LoRAModelParallelStrategy",
     "LoRAModule",
     "MaxBytes",
+    "NotServableError",
     "PeriodicCheckpoint",
     "Retention",
     "RetentionPlan",
     "SamplingClient",
     "SamplingParams",
+    "ServableReport",
+    "ServedAdapter",
+    "ServedIdentityError",
     "StateEncodingError",
     "TrainingRun",
+    "VLLMHotload",
+    "VLLMServerError",
     "__version__",
+    "check_servable",
     "extract_archive",
+    "hotload",
     "load_base_model",
     "load_tokenizer",
     "merge_adapter",
@@ -88,8 +106,13 @@ if TYPE_CHECKING:
     from .lightning.hub_publisher import HubPublisher
     from .lightning.module import LoRAModule
     from .lightning.strategies import LoRAFSDPStrategy, LoRAModelParallelStrategy
+    from .lightning.vllm_hotload import VLLMHotload
     from .modeling.base import load_base_model, load_tokenizer
+    from .modeling.deployment import DeploymentSampler, ServedIdentityError
+    from .modeling.hotload import ServedAdapter, hotload
     from .modeling.sampling import SamplingClient, SamplingParams
+    from .modeling.servable import NotServableError, ServableReport, check_servable
+    from .modeling.vllm_client import VLLMServerError
     from .policy.retention import RetentionPlan
     from .policy.rules import KeepBest, KeepEvery, KeepLatest, MaxBytes, Retention
     from .storage.archive import extract_archive

@@ -56,6 +56,8 @@ _TINY = {
 BUILTIN_MODELS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-qwen3": ("qwen3", {"vocab_size": 1024, **_TINY}),
     "tiny-llama": ("llama", {"vocab_size": 1024, **_TINY}),
+    # tiny-qwen3 with 32-wide attention heads, the narrowest vLLM's CPU attention serves (docs/serving.md).
+    "tiny-qwen3-hd32": ("qwen3", {"vocab_size": 1024, **_TINY, "head_dim": 32}),
     # The real Qwen3-0.6B architecture, randomly initialised: for benchmarks without a download.
     "qwen3-0.6b-shape": (
         "qwen3",
@@ -342,6 +344,31 @@ def load_tokenizer(
             source, revision=None if is_builtin(name_or_path) else revision, trust_remote_code=trust_remote_code
         ),
     )
+
+
+def export_builtin(name: str, output_dir: str | os.PathLike[str]) -> str:
+    """Write a built-in base as a model directory (safetensors weights, config, tokenizer) that vLLM, transformers
+    and this package load; checkpoints trained on the built-in name load onto it (same fingerprint).
+
+    Args:
+        name: a built-in name (:data:`BUILTIN_MODELS`).
+        output_dir: a directory that is absent or empty.
+
+    Returns:
+        The absolute path of the directory.
+
+    Raises:
+        ValueError: ``name`` is not a built-in base.
+        FileExistsError: ``output_dir`` is not empty.
+    """
+    if not is_builtin(name):
+        raise ValueError(f"{name!r} is not a built-in base; choose one of {', '.join(BUILTIN_MODELS)}")
+    target = Path(output_dir).absolute()
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty; choose an empty or new output directory")
+    load_base_model(name).save_pretrained(target)
+    load_tokenizer(name).save_pretrained(target)
+    return str(target)
 
 
 #: The weight files of a local base that load without unpickling (what ``save_pretrained`` writes).

@@ -57,12 +57,19 @@ class SampledSequence:
         logprobs: the model's log-probability of each generated token, before temperature, top-k and top-p.
         text: the decoded tokens without special tokens, cut before the first stop string.
         finish_reason: ``"stop"`` if a stop token or string ended it, ``"length"`` if ``max_tokens`` did.
+        prompt_len: the number of prompt tokens.
     """
 
     tokens: list[int]
     logprobs: list[float]  # the model's log-softmax of each generated token, before temperature/top-k/top-p
     text: str
     finish_reason: Literal["stop", "length"]
+    prompt_len: int
+
+    @property
+    def completion_len(self) -> int:
+        """The number of generated tokens."""
+        return len(self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,7 +323,7 @@ class SamplingClient:
             text = cast(str, self.tokenizer.decode(toks, skip_special_tokens=True))  # one sequence: one str
             for s in stop_texts:
                 text = text.split(s, 1)[0]
-            sequences.append(SampledSequence(toks, lps, text, "stop" if reason else "length"))
+            sequences.append(SampledSequence(toks, lps, text, "stop" if reason else "length", len(prompt_ids)))
         return SampleResponse(sequences)
 
     @property

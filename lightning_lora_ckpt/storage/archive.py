@@ -17,6 +17,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.strict_json import CheckpointFormatError
 from .commit import open_protocol
 from .fs import url_to_fs
 from .local import apply_umask
@@ -276,3 +277,57 @@ def _size_and_sha256(path: str) -> tuple[int, str]:
             hasher.update(chunk)
             size += len(chunk)
     return size, hasher.hexdigest()
+
+
+def local_copy(
+    uri: str, cache_dir: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+) -> tuple[str, Manifest]:
+    """A local directory holding the checkpoint at ``uri`` as committed: the checkpoint itself on a local
+    filesystem, else a verified download under ``cache_dir`` named by its content digest (reused while intact).
+
+    Args:
+        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
+        cache_dir: where downloads of remote checkpoints are kept.
+        storage_options: fsspec options of the checkpoint's filesystem.
+
+    Returns:
+        The directory and the manifest of the version it holds.
+
+    Raises:
+        CheckpointFormatError: there is no checkpoint at ``uri``, or it is damaged.
+    """
+    fs, path = url_to_fs(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return path, read_manifest(path)
+    expected = read_manifest(uri, storage_options).content_sha256
+    target = os.path.join(os.path.abspath(cache_dir), expected)
+    if os.path.isdir(target) and _cached_intact(target, expected):
+        return target, read_manifest(target)
+    shutil.rmtree(target, ignore_errors=True)
+    try:
+        download(uri, target, storage_options)
+    except FileExistsError:  # another process filled the cache meanwhile
+        if not _cached_intact(target, expected):
+            raise
+    copied = read_manifest(target)
+    if copied.content_sha256 != expected:  # replaced between the two reads: file the copy under its own digest
+        final = os.path.join(os.path.abspath(cache_dir), copied.content_sha256)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(target, final)
+        target = final
+    return target, copied
+
+
+def _cached_intact(directory: str, content_sha256: str) -> bool:
+    try:
+        manifest = read_manifest(directory)
+    except CheckpointFormatError:
+        return False
+    if manifest.content_sha256 != content_sha256:
+        return False
+    for name, entry in manifest.files.items():
+        try:
+            check_file(directory, name, entry, *_size_and_sha256(os.path.join(directory, name)))
+        except (CheckpointFormatError, OSError):
+            return False
+    return True

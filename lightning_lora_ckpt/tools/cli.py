@@ -31,6 +31,7 @@ from .commands import (
     cmd_set_ttl,
     cmd_verify,
 )
+from .serving_commands import cmd_check, cmd_export_base, cmd_hotload
 
 TRAINING_COMMANDS = ("fit", "validate", "test", "predict")
 
@@ -183,6 +184,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True)
     p.add_argument("--tag", default=None, help="tag naming the checkpoint (default: RUN-NAME)")
     p.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    p.add_argument("--no-servable-check", action="store_true", help="push even an adapter vLLM cannot serve")
+    p = add("check", cmd_check, "check that vLLM can serve a checkpoint's adapter (exit 2 if not, with reasons)", "uri")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="the server's --max-lora-rank")
+    p = add("hotload", cmd_hotload, "load a checkpoint's adapter into a running vLLM server", "uri")
+    p.add_argument("--url", required=True, help="the vLLM server, e.g. http://127.0.0.1:8000")
+    p.add_argument("--unload", action="append", default=None, metavar="NAME", help="a served name to unload after")
+    p.add_argument("--max-lora-rank", type=int, default=None, help="the server's --max-lora-rank")
+    p.add_argument("--cache-dir", default=None, help="where remote checkpoints are downloaded for the server")
+    p.add_argument("--api-key", default=None, help="the server's --api-key (default: $VLLM_API_KEY)")
+    add(
+        "export-base",
+        cmd_export_base,
+        "write a built-in base (e.g. tiny-qwen3-hd32) as a model directory",
+        "name",
+        "output_dir",
+    )
     p = add("sample", cmd_sample, "sample continuations of a prompt from a checkpoint's adapter", "uri")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -219,7 +236,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name, or None for ``sys.argv[1:]``.
 
     Returns:
-        The exit status: 0 on success, 1 on an error, 2 if ``verify`` found a damaged checkpoint.
+        The exit status: 0 on success, 1 on an error, 2 if ``verify`` found a damaged checkpoint or ``check`` an
+        adapter vLLM cannot serve.
 
     Raises:
         SystemExit: from argparse, for ``--help`` or a bad command line.

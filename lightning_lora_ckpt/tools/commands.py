@@ -359,9 +359,13 @@ def cmd_push_hf(store: CheckpointStore, args: argparse.Namespace, console: Conso
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.
         ValueError: ``--tag`` is not a valid git tag name.
         HubPublishError: there is no token, the Hub is unreachable or it refused a request.
+        NotServableError: vLLM cannot serve the adapter (and ``--no-servable-check`` is not given).
     """
-    from ..storage.hub import push_to_hub  # imports huggingface_hub and torch: only when pushing
+    from ..modeling.servable import check_servable  # imports torch and transformers: only when pushing
+    from ..storage.hub import push_to_hub
 
+    if not args.no_servable_check:
+        check_servable(store.resolve(args.uri), storage_options=store.storage_options)
     url = push_to_hub(
         store.resolve(args.uri),
         args.repo_id,
