@@ -11,10 +11,12 @@ import lightning as L
 import pytest
 
 from helpers.saves import Source, build_source
+from helpers.serving import SERVED_BASE, export_base, resolver_env
 from helpers.storage import moto_s3_server
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule
 from support.gcs_server import fake_gcs_server
+from support.vllm_server import VLLMServer, vllm_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,3 +65,25 @@ def gcs_server() -> Iterator[dict[str, Any]]:
 def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
     """The Lightning checkpoint dicts of a tiny module trained for two steps (the forked writers' saves)."""
     return build_source(str(tmp_path_factory.mktemp("source")))
+
+
+@pytest.fixture(scope="session")
+def vllm_base_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The built-in ``tiny-qwen3-hd32`` base exported as a Hugging Face directory (safetensors + tokenizer)."""
+    return export_base(SERVED_BASE, tmp_path_factory.mktemp("vllm-base"))
+
+
+@pytest.fixture(scope="session")
+def vllm_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The local ``LORA_CKPT_ROOT`` the session's vLLM server resolves checkpoint names against."""
+    return str(tmp_path_factory.mktemp("vllm-root"))
+
+
+@pytest.fixture(scope="session")
+def vllm(vllm_base_dir: str, vllm_root: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """One real vLLM server (tests/support/vllm_server.py) for all serving tests: the exported base,
+    ``--max-lora-rank 16 --max-loras 2``, runtime LoRA updating, and the checkpoint resolver plugin on
+    :func:`vllm_root`. Send base and adapter requests one at a time (vLLM's CPU batches mix them up)."""
+    logs = tmp_path_factory.mktemp("vllm")
+    with vllm_server(vllm_base_dir, env=resolver_env(vllm_root, logs / "cache"), log_dir=logs) as server:
+        yield server

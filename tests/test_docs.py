@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ from helpers.doc_snippets import Claim, Snippet, claims, collect, expand_braces,
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-WITH_SNIPPETS = [doc for doc in DOCS if collect(doc)]
+#: Pages whose snippets talk to a running vLLM server: tests/test_serving.py runs them (make test-serving).
+SERVING_DOCS = [REPO / "docs" / "serving.md"]
+WITH_SNIPPETS = [doc for doc in DOCS if collect(doc) and doc not in SERVING_DOCS]
 
 # The offline stand-ins, applied in order to every snippet before it runs: (regex, replacement).
 STAND_INS: list[tuple[str, str]] = [
@@ -115,18 +118,21 @@ def _name(doc: Path) -> str:
     return doc.relative_to(REPO).as_posix() if doc.is_relative_to(REPO) else doc.name
 
 
-def _runnable(doc: Path) -> list[tuple[Snippet, str]]:
-    return [(s, substitute(s.code, STAND_INS)) for s in collect(doc, _name(doc)) if s.skip_reason is None]
+def _runnable(doc: Path, stand_ins: Sequence[tuple[str, str]] = ()) -> list[tuple[Snippet, str]]:
+    table = [*stand_ins, *STAND_INS]
+    return [(s, substitute(s.code, table)) for s in collect(doc, _name(doc)) if s.skip_reason is None]
 
 
-def run_page(doc: Path, tmp_path: Path, prelude: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run a page's snippets (stand-ins applied, after ``prelude``) in a fresh process, cwd a scratch directory
-    holding the repo's ``examples/``."""
+def run_page(
+    doc: Path, tmp_path: Path, prelude: str | None = None, stand_ins: Sequence[tuple[str, str]] = ()
+) -> subprocess.CompletedProcess[str]:
+    """Run a page's snippets (``stand_ins``, then :data:`STAND_INS` applied, after ``prelude``) in a fresh process,
+    cwd a scratch directory holding the repo's ``examples/``."""
     reader = tmp_path / "reader"
     reader.mkdir()
     (reader / "examples").symlink_to(REPO / "examples", target_is_directory=True)
     spec = tmp_path / "spec.json"
-    write_spec(spec, prelude, doc, _runnable(doc))
+    write_spec(spec, prelude, doc, _runnable(doc, stand_ins))
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_CKPT_ROOT", "HF_ENDPOINT", "HF_TOKEN")}
     env.update(
         HF_HUB_OFFLINE="1",

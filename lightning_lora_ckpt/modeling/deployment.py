@@ -125,9 +125,11 @@ class DeploymentSampler:
                 return SampleResponse([])
         if not self._checked:
             self.check_identity()
-        response = self.client.completions(self._request(prompt, params, num_samples))
+        greedy = params.temperature <= 0  # vLLM refuses n > 1 at temperature 0: one request, the same sample n times
+        response = self.client.completions(self._request(prompt, params, 1 if greedy else num_samples))
+        choices = sorted(response["choices"], key=lambda c: c["index"])
         sequences = []
-        for choice in sorted(response["choices"], key=lambda c: c["index"]):
+        for choice in choices * num_samples if greedy else choices:
             tokens = list(choice["token_ids"])
             prompt_len = len(choice.get("prompt_token_ids") or prompt)
             if self.max_seq_len is not None and prompt_len + len(tokens) > self.max_seq_len:
