@@ -126,6 +126,12 @@ def test_a_server_that_is_down_is_a_clear_error_and_nothing_unservable_is_sent(
         hotload(save_adapter(tmp_path, "ok"), closed_port_url, timeout_s=2)
     with pytest.raises(NotServableError, match="DoRA"):  # refused before any request
         hotload(save_adapter(tmp_path, "dora", use_dora=True), closed_port_url)
+    pushed = cli("push-hf", save_adapter(tmp_path, "dora2", use_dora=True), "--repo-id", "tester/x")  # before the Hub
+    assert (
+        pushed.returncode == 1
+        and "vLLM does not support DoRA" in pushed.stderr
+        and "--no-servable-check" not in pushed.stdout
+    )
     result = cli("hotload", save_adapter(tmp_path, "ok2"), "--url", closed_port_url)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and last.startswith("error: vLLM at") and "unreachable" in last
