@@ -11,10 +11,11 @@ import lightning as L
 import pytest
 
 from helpers.saves import Source, build_source
-from helpers.serving import SERVED_BASE, export_base, resolver_env
+from helpers.serving import SERVED_BASE, resolver_env
 from helpers.storage import moto_s3_server
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule
+from lightning_lora_ckpt.modeling.base import export_builtin
 from support.gcs_server import fake_gcs_server
 from support.vllm_server import VLLMServer, vllm_server
 
@@ -70,7 +71,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Source:
 @pytest.fixture(scope="session")
 def vllm_base_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The built-in ``tiny-qwen3-hd32`` base exported as a Hugging Face directory (safetensors + tokenizer)."""
-    return export_base(SERVED_BASE, tmp_path_factory.mktemp("vllm-base"))
+    return export_builtin(SERVED_BASE, tmp_path_factory.mktemp("vllm-base"))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """The vLLM LoRA resolver plugin in a real vLLM server (CPU build, ``make test-serving``): a request naming
 ``<run_id>/sampler_weights/<name>`` is served from ``LORA_CKPT_ROOT`` (a local root, and an S3 one on moto),
-with the tokens our ``SamplingClient`` gives; unknown, damaged, deleted and other-base checkpoints get vLLM's
+with the tokens our ``SamplingClient`` gives (a local checkpoint loaded from its own directory, an S3 one from the
+verified copy in the cache, reused for the next name of the same content); unknown, damaged, deleted and other-base checkpoints get vLLM's
 404 and one warning line in the server's log naming the reason.
 
 Requests go one at a time: on the CPU, vLLM serves a base request batched with an adapter one with the adapter.
@@ -81,7 +82,7 @@ def test_a_sampler_checkpoint_is_served_by_name_with_our_tokens(vllm: VLLMServer
     status, models = vllm.request("GET", "/v1/models")
     assert status == 200, models
     listed = {m["id"]: m["root"] for m in models["data"]}
-    assert listed["resolver/sampler_weights/s1"].endswith(digest)  # loaded from the verified cached copy
+    assert listed["resolver/sampler_weights/s1"] == checkpoints["sampler"]  # a local root: verified in place
     assert served_tokens(vllm, vllm.model) == base  # the base, alone in its batch, is unchanged
 
 
@@ -100,20 +101,31 @@ def test_a_checkpoint_of_another_base_gets_404(vllm: VLLMServer, checkpoints: di
 @pytest.fixture(scope="module")
 def s3_vllm(
     vllm_base_dir: str, s3_server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[VLLMServer, str]]:
+) -> Iterator[tuple[VLLMServer, str, str]]:
     """A second, short-lived server whose root is a bucket on the moto S3 server (LORA_CKPT_ROOT is one root per
     server); s3fs in the server reads the endpoint and credentials from the ``AWS_*`` variables."""
     root = f"s3://{s3_server['bucket']}/vllm-root"
     logs = tmp_path_factory.mktemp("vllm-s3")
     env = {**resolver_env(root, logs / "cache"), **s3_env(s3_server["storage_options"])}
     with vllm_server(vllm_base_dir, env=env, log_dir=logs) as server:
-        yield server, root
+        yield server, root, str(logs / "cache")
 
 
-def test_a_checkpoint_on_s3_is_served_by_name(s3_vllm: tuple[VLLMServer, str], s3_server: dict[str, Any]) -> None:
-    server, root = s3_vllm
+def test_a_checkpoint_on_s3_is_served_by_name(s3_vllm: tuple[VLLMServer, str, str], s3_server: dict[str, Any]) -> None:
+    server, root, cache = s3_vllm
     options = s3_server["storage_options"]
     _, uri = train_sampler(root, "s3run", "s1", storage_options=options)
     assert uri.startswith("s3://")
-    assert served_tokens(server, "s3run/sampler_weights/s1") == our_tokens(uri, options)
+    expected = our_tokens(uri, options)
+    assert served_tokens(server, "s3run/sampler_weights/s1") == expected
+    digest = read_manifest(uri, options).content_sha256
+    copy = os.path.join(cache, digest)
+    status, models = server.request("GET", "/v1/models")
+    assert status == 200, models
+    assert {m["id"]: m["root"] for m in models["data"]}["s3run/sampler_weights/s1"] == copy
+    assert os.listdir(cache) == [digest]
+    inode = os.stat(copy).st_ino
+    # Another name of the same content (a name vLLM resolves anew) is served from the same cached copy.
+    assert served_tokens(server, f"s3run/sampler_weights/s1@{digest[:12]}") == expected
+    assert os.listdir(cache) == [digest] and os.stat(copy).st_ino == inode  # reused, not downloaded again
     assert_not_served(server, "s3run/sampler_weights/missing", "unknown or unreadable checkpoint")

@@ -1,5 +1,6 @@
-"""The vLLM resolver plugin's decisions without vLLM (tools/vllm_resolver.py): name grammar, the verified,
-content-addressed cache, and each refusal with its reason. tests/test_vllm_resolver.py runs it in a real server."""
+"""The vLLM resolver plugin's decisions without vLLM (tools/vllm_resolver.py): name grammar, a local root served
+from its own directories, the verified, content-addressed cache of a remote (``memory://``) root, and each refusal
+with its reason. tests/test_vllm_resolver.py runs it in a real server."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import os
 import sys
 import threading
 import types
+import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 
 from helpers.serving import train_sampler
 from lightning_lora_ckpt.format.manifest import ADAPTER_WEIGHTS
 from lightning_lora_ckpt.modeling.base import load_config
+from lightning_lora_ckpt.storage import archive
 from lightning_lora_ckpt.storage.commit import retire_checkpoint
 from lightning_lora_ckpt.storage.read import read_manifest
 from lightning_lora_ckpt.tools import vllm_resolver
@@ -71,9 +75,17 @@ def test_lora_int_id_is_positive() -> None:
     assert lora_int_id("not-hex") == 1
 
 
+def _to_memory(local_root: str) -> str:
+    """A copy of the checkpoints under ``local_root`` on a fresh ``memory://`` root: a remote root, downloaded from."""
+    root = f"memory://resolver-{uuid.uuid4().hex}"
+    fsspec.filesystem("memory").put(f"{local_root}/", root, recursive=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """A local root with a sampler and a training checkpoint of tiny-qwen3, and the base's config directory."""
+    """A local root with a sampler and a training checkpoint of tiny-qwen3, the same root copied to ``memory://``
+    (``remote``), and the base's config directory."""
     root = str(tmp_path_factory.mktemp("root"))
     module, sampler = train_sampler(root, "run", "s1", base_model="tiny-qwen3", steps=2)
     training = module.save_state("t1")
@@ -81,66 +93,89 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     load_config("tiny-qwen3").save_pretrained(base)  # config.json only: all the fingerprint check reads
     other = tmp_path_factory.mktemp("other-base")
     load_config("tiny-llama").save_pretrained(other)
-    return {"root": root, "sampler": sampler, "training": training, "base": str(base), "other": str(other)}
+    return {
+        "root": root,
+        "remote": _to_memory(root),
+        "sampler": sampler,
+        "training": training,
+        "base": str(base),
+        "other": str(other),
+    }
 
 
 @pytest.fixture
 def resolver(checkpoints: dict[str, str], tmp_path: Path) -> CheckpointResolver:
+    """A resolver of the local root."""
     return CheckpointResolver(checkpoints["root"], str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def remote(checkpoints: dict[str, str], tmp_path: Path) -> CheckpointResolver:
+    """A resolver of the ``memory://`` root: it serves verified copies from its cache."""
+    return CheckpointResolver(checkpoints["remote"], str(tmp_path / "cache"))
 
 
 def _count_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
-    real = vllm_resolver.download
+    real = archive.download
 
     def counted(uri: str, output_dir: str, storage_options: object = None) -> str:
         calls.append(uri)
         return real(uri, output_dir, storage_options)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(vllm_resolver, "download", counted)
+    monkeypatch.setattr(archive, "download", counted)
     return calls
 
 
-def test_resolves_into_the_content_addressed_cache_once(
+def test_a_local_root_is_served_from_its_own_directories(
     resolver: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     downloads = _count_downloads(monkeypatch)
+    assert resolver.resolve(checkpoints["base"], "run/sampler_weights/s1") == checkpoints["sampler"]
+    assert resolver.resolve(checkpoints["base"], "lora://run/weights/t1") == checkpoints["training"]
+    assert not downloads and not os.path.exists(resolver.cache_dir)
+
+
+def test_a_remote_root_resolves_into_the_content_addressed_cache_once(
+    remote: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    downloads = _count_downloads(monkeypatch)
     digest = read_manifest(checkpoints["sampler"]).content_sha256
-    path = resolver.resolve(checkpoints["base"], "run/sampler_weights/s1")
-    assert path == os.path.join(resolver.cache_dir, digest)
+    path = remote.resolve(checkpoints["base"], "run/sampler_weights/s1")
+    assert path == os.path.join(remote.cache_dir, digest)
     assert sorted(os.listdir(path)) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint.json"]
     # The other spellings of the same checkpoint reuse the verified copy.
     for name in ("lora://run/sampler_weights/s1", f"run/sampler_weights/s1@{digest[:12].upper()}"):
-        assert resolver.resolve(checkpoints["base"], name) == path
+        assert remote.resolve(checkpoints["base"], name) == path
     assert len(downloads) == 1
-    assert os.listdir(resolver.cache_dir) == [digest]  # no staging leftovers
+    assert os.listdir(remote.cache_dir) == [digest]  # no staging leftovers
 
 
-def test_training_checkpoints_resolve_too(resolver: CheckpointResolver, checkpoints: dict[str, str]) -> None:
-    path = resolver.resolve(checkpoints["base"], "run/weights/t1")
+def test_training_checkpoints_resolve_too(remote: CheckpointResolver, checkpoints: dict[str, str]) -> None:
+    path = remote.resolve(checkpoints["base"], "run/weights/t1")
     assert os.path.basename(path) == read_manifest(checkpoints["training"]).content_sha256
     assert os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS))
 
 
 def test_a_damaged_cached_copy_is_downloaded_again(
-    resolver: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    remote: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = resolver.resolve(checkpoints["base"], "run/sampler_weights/s1")
+    path = remote.resolve(checkpoints["base"], "run/sampler_weights/s1")
     _flip_a_byte(os.path.join(path, ADAPTER_WEIGHTS))
     downloads = _count_downloads(monkeypatch)
-    assert resolver.resolve(checkpoints["base"], "run/sampler_weights/s1") == path
+    assert remote.resolve(checkpoints["base"], "run/sampler_weights/s1") == path
     assert len(downloads) == 1
-    assert resolver._verified(path, "x", read_manifest(checkpoints["sampler"]))
-    assert os.listdir(resolver.cache_dir) == [os.path.basename(path)]
+    assert archive._cached_intact(path, read_manifest(checkpoints["sampler"]).content_sha256)
+    assert os.listdir(remote.cache_dir) == [os.path.basename(path)]
 
 
 def test_concurrent_resolutions_download_once(
-    resolver: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    remote: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     downloads = _count_downloads(monkeypatch)
     results: list[str] = []
     threads = [
-        threading.Thread(target=lambda: results.append(resolver.resolve(checkpoints["base"], "run/sampler_weights/s1")))
+        threading.Thread(target=lambda: results.append(remote.resolve(checkpoints["base"], "run/sampler_weights/s1")))
         for _ in range(4)
     ]
     for t in threads:
@@ -152,13 +187,16 @@ def test_concurrent_resolutions_download_once(
 
 
 def test_a_copy_another_process_put_in_place_is_used(
-    resolver: CheckpointResolver, checkpoints: dict[str, str], tmp_path: Path
+    remote: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two servers sharing a cache: the second finds the first one's copy (here: made by another resolver)."""
-    first = CheckpointResolver(checkpoints["root"], resolver.cache_dir).resolve(checkpoints["base"], "run/weights/t1")
-    assert resolver.resolve(checkpoints["base"], "run/weights/t1") == first
+    first = CheckpointResolver(checkpoints["remote"], remote.cache_dir).resolve(checkpoints["base"], "run/weights/t1")
+    downloads = _count_downloads(monkeypatch)
+    assert remote.resolve(checkpoints["base"], "run/weights/t1") == first
+    assert not downloads
 
 
+@pytest.mark.parametrize("which", ["local", "remote"])
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
@@ -168,10 +206,22 @@ def test_a_copy_another_process_put_in_place_is_used(
         ("gpt-4", "malformed name"),
     ],
 )
-def test_refusals_say_why(resolver: CheckpointResolver, checkpoints: dict[str, str], model: str, reason: str) -> None:
+def test_refusals_say_why(checkpoints: dict[str, str], tmp_path: Path, which: str, model: str, reason: str) -> None:
+    resolver = CheckpointResolver(checkpoints["root" if which == "local" else "remote"], str(tmp_path / "cache"))
     with pytest.raises(ResolveRefused, match=reason):
         resolver.resolve(checkpoints["base"], model)
-    assert not os.path.exists(resolver.cache_dir) or not os.listdir(resolver.cache_dir)
+    assert not os.path.exists(resolver.cache_dir)
+
+
+def test_the_version_served_is_checked_if_replaced_meanwhile(
+    resolver: CheckpointResolver, checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint replaced between the resolver's read and the copy: the pin is checked against the copy."""
+    digest = read_manifest(checkpoints["sampler"]).content_sha256
+    replaced = read_manifest(checkpoints["training"])  # other content
+    monkeypatch.setattr(vllm_resolver, "local_copy", lambda *a, **k: (checkpoints["training"], replaced))
+    with pytest.raises(ResolveRefused, match=f"content mismatch: .* the name pins {digest[:12]}"):
+        resolver.resolve(checkpoints["base"], f"run/sampler_weights/s1@{digest[:12]}")
 
 
 def test_a_checkpoint_of_another_base_is_refused(resolver: CheckpointResolver, checkpoints: dict[str, str]) -> None:
@@ -196,12 +246,13 @@ def test_damaged_and_deleted_checkpoints_are_refused(tmp_path: Path, checkpoints
     deleted = module.save_weights_for_sampler("deleted")
     _flip_a_byte(os.path.join(damaged, ADAPTER_WEIGHTS))
     retire_checkpoint(deleted)
-    resolver = CheckpointResolver(root, str(tmp_path / "cache"))
-    with pytest.raises(ResolveRefused, match=r"damaged: Checkpoint .* is damaged: adapter_model\.safetensors has"):
-        resolver.resolve(checkpoints["base"], "run/sampler_weights/damaged")
-    with pytest.raises(ResolveRefused, match=r"deleted: Checkpoint .* was deleted at"):
-        resolver.resolve(checkpoints["base"], "run/sampler_weights/deleted")
-    assert os.listdir(resolver.cache_dir) == []  # the failed download left nothing behind
+    for served_root in (root, _to_memory(root)):  # verified in place, and verified as downloaded
+        resolver = CheckpointResolver(served_root, str(tmp_path / "cache"))
+        with pytest.raises(ResolveRefused, match=r"damaged: Checkpoint .* is damaged: adapter_model\.safetensors has"):
+            resolver.resolve(checkpoints["base"], "run/sampler_weights/damaged")
+        with pytest.raises(ResolveRefused, match=r"deleted: Checkpoint .* was deleted at"):
+            resolver.resolve(checkpoints["base"], "run/sampler_weights/deleted")
+        assert not os.path.exists(resolver.cache_dir) or os.listdir(resolver.cache_dir) == []  # nothing left behind
 
 
 def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -298,8 +349,8 @@ def test_the_registered_resolver_answers_in_a_thread(
 
     resolver.resolver.resolve = resolve
     request = asyncio.run(resolver.resolve_lora(checkpoints["base"], "run/sampler_weights/s1"))
-    digest = read_manifest(checkpoints["sampler"]).content_sha256
-    assert (request.lora_name, request.lora_path) == ("run/sampler_weights/s1", str(tmp_path / "cache" / digest))
+    # A local root: served from the checkpoint's own directory.
+    assert (request.lora_name, request.lora_path) == ("run/sampler_weights/s1", checkpoints["sampler"])
     assert threads and threads[0] != threading.main_thread().name  # never on vLLM's event loop
     assert asyncio.run(resolver.resolve_lora(checkpoints["base"], "run/sampler_weights/nope")) is None
     refusals = [r for r in caplog.records if "not serving 'run/sampler_weights/nope'" in r.getMessage()]

@@ -14,6 +14,8 @@ TYPE_DIRS: dict[CheckpointType, str] = {v: k for k, v in KIND_DIRS.items()}
 
 SCHEME = "lora://"
 ROOT_ENV = "LORA_CKPT_ROOT"
+#: Where local copies of remote checkpoints for a server on this machine go (:func:`default_cache_dir`).
+CACHE_ENV = "LORA_CKPT_CACHE_DIR"
 _NAME = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]{0,127}")
 
 
@@ -48,6 +50,16 @@ def default_root(root: str | None = None) -> str:
     """
     root = (root or os.environ.get(ROOT_ENV) or "./checkpoints").rstrip("/") or "/"
     return root if "://" in root else os.path.abspath(root)
+
+
+def default_cache_dir() -> str:
+    """Where downloads of remote checkpoints for a local vLLM server go (``hotload``, the resolver plugin):
+    ``$LORA_CKPT_CACHE_DIR``, else ``~/.cache/lightning-lora-ckpt/vllm``.
+
+    Returns:
+        The directory (it may not exist yet).
+    """
+    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lightning-lora-ckpt", "vllm")
 
 
 def parse_lora_uri(uri: str) -> tuple[str, CheckpointType, str]:

@@ -34,6 +34,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..format.strict_json import CheckpointFormatError
 
+log = logging.getLogger(__name__)
+
 TOKENIZER_DIR = Path(__file__).parent.parent / "assets" / "tokenizer"
 BUILTIN_INIT_SEED = 0
 #: ``quantization`` values of :func:`load_base_model` (and ``LoRAModule``).
@@ -436,3 +438,24 @@ def config_fingerprint(config: PretrainedConfig) -> str:
     """
     data = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_fingerprint_of_dir(path: str | os.PathLike[str]) -> str | None:
+    """The :func:`config_fingerprint` of the model directory ``path``, or None where it has none to check against.
+
+    What checks a checkpoint against a base served from a directory (``hotload``, the vLLM resolver plugin) use.
+
+    Args:
+        path: a local Hugging Face model directory (anything else gives None).
+
+    Returns:
+        The fingerprint; None if ``path`` holds no ``config.json``, or one that does not load (without running
+        code it ships; the reason is logged as a warning).
+    """
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    try:
+        return config_fingerprint(load_config(os.fspath(path)))
+    except (OSError, ValueError) as err:
+        log.warning("cannot read the config of the base model %s (%s: %s)", path, type(err).__name__, err)
+        return None

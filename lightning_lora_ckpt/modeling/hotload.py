@@ -12,14 +12,13 @@ import logging
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-from ..format.layout import TYPE_DIRS, resolve
+from ..format.layout import TYPE_DIRS, default_cache_dir, resolve
 from ..format.manifest import Manifest
 from ..storage.archive import local_copy
 from ..storage.loading import open_checkpoint
-from .base import config_fingerprint, load_config
+from .base import base_fingerprint_of_dir
 from .sampling import AdapterIdentity
 from .servable import servable_report
 from .vllm_client import DEFAULT_TIMEOUT_S, VLLMClient, VLLMServerError
@@ -29,16 +28,6 @@ log = logging.getLogger(__name__)
 #: Hex digits of the content digest in a served name.
 DIGEST_CHARS = 12
 _SERVED_NAME = re.compile(r"^(?P<run>[^/]+)/(?P<kind>[^/]+)/(?P<name>[^/@]+)@(?P<digest>[0-9a-f]+)$")
-
-
-def default_cache_dir() -> str:
-    """Where downloads of remote checkpoints for a local server go: ``$LORA_CKPT_CACHE_DIR``, else
-    ``~/.cache/lightning-lora-ckpt/vllm``.
-
-    Returns:
-        The directory (it may not exist yet).
-    """
-    return os.environ.get("LORA_CKPT_CACHE_DIR") or str(Path.home() / ".cache" / "lightning-lora-ckpt" / "vllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +153,9 @@ def hotload(
 def _check_base(client: VLLMClient, manifest: Manifest, uri: str) -> None:
     """Refuse a checkpoint of another base when the server's base is a directory this process can read."""
     root = client.base_model().get("root") or ""
-    if not os.path.isfile(os.path.join(root, "config.json")):
-        log.debug("vLLM's base %r is not a local directory here; its fingerprint is not checked", root)
-        return
-    try:
-        fingerprint = config_fingerprint(load_config(root))
-    except (OSError, ValueError) as err:
-        log.debug("vLLM's base %r has no config this process can read (%s); its fingerprint is not checked", root, err)
+    fingerprint = base_fingerprint_of_dir(root)
+    if fingerprint is None:
+        log.debug("vLLM's base %r is not a local directory with a readable config here; it is not checked", root)
         return
     if fingerprint != manifest.base_model.fingerprint:
         raise ValueError(

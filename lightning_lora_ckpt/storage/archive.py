@@ -280,25 +280,39 @@ def _size_and_sha256(path: str) -> tuple[int, str]:
 
 
 def local_copy(
-    uri: str, cache_dir: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None
+    uri: str,
+    cache_dir: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    verify: bool = False,
 ) -> tuple[str, Manifest]:
     """A local directory holding the checkpoint at ``uri`` as committed: the checkpoint itself on a local
     filesystem, else a verified download under ``cache_dir`` named by its content digest (reused while intact).
+
+    A damaged cached copy is downloaded again; a copy another process put in place meanwhile is used; a
+    checkpoint replaced between the reads is filed under the digest of the version downloaded.
 
     Args:
         uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
         cache_dir: where downloads of remote checkpoints are kept.
         storage_options: fsspec options of the checkpoint's filesystem.
+        verify: also check a local checkpoint's files against its manifest (a download is always verified);
+            without it a local checkpoint is returned unread beyond its manifest, for callers that verify it as
+            they read it.
 
     Returns:
         The directory and the manifest of the version it holds.
 
     Raises:
-        CheckpointFormatError: there is no checkpoint at ``uri``, or it is damaged.
+        CheckpointFormatError: there is no checkpoint at ``uri``, or it is damaged (a local one: only checked
+            with ``verify``).
     """
     fs, path = url_to_fs(uri, storage_options)
     if isinstance(fs, LocalFileSystem):
-        return path, read_manifest(path)
+        manifest = read_manifest(path)
+        if verify:
+            _check_files(path, manifest, uri)
+        return path, manifest
     expected = read_manifest(uri, storage_options).content_sha256
     target = os.path.join(os.path.abspath(cache_dir), expected)
     if os.path.isdir(target) and _cached_intact(target, expected):
@@ -306,7 +320,7 @@ def local_copy(
     shutil.rmtree(target, ignore_errors=True)
     try:
         download(uri, target, storage_options)
-    except FileExistsError:  # another process filled the cache meanwhile
+    except OSError:  # another process filled the cache meanwhile (FileExistsError, or ENOTEMPTY from the rename)
         if not _cached_intact(target, expected):
             raise
     copied = read_manifest(target)
@@ -318,16 +332,22 @@ def local_copy(
     return target, copied
 
 
+def _check_files(directory: str, manifest: Manifest, uri: str) -> None:
+    """Raise ``CheckpointFormatError`` (naming ``uri``) unless each file of ``manifest`` in ``directory`` matches."""
+    for name, entry in manifest.files.items():
+        try:
+            size, sha256 = _size_and_sha256(os.path.join(directory, name))
+        except FileNotFoundError:
+            raise CheckpointFormatError(f"Checkpoint {uri} is damaged: {name} is missing") from None
+        check_file(uri, name, entry, size, sha256)
+
+
 def _cached_intact(directory: str, content_sha256: str) -> bool:
     try:
         manifest = read_manifest(directory)
-    except CheckpointFormatError:
-        return False
-    if manifest.content_sha256 != content_sha256:
-        return False
-    for name, entry in manifest.files.items():
-        try:
-            check_file(directory, name, entry, *_size_and_sha256(os.path.join(directory, name)))
-        except (CheckpointFormatError, OSError):
+        if manifest.content_sha256 != content_sha256:
             return False
+        _check_files(directory, manifest, directory)
+    except (CheckpointFormatError, OSError):
+        return False
     return True

@@ -5,9 +5,10 @@ roots) and enabled with ``VLLM_PLUGINS=lightning_lora_ckpt`` and ``VLLM_ALLOW_RU
 (vLLM consults resolvers only then), a completion request whose ``model`` is ``<run_id>/sampler_weights/<name>``
 (or ``<run_id>/weights/<name>``, or the full ``lora://<run_id>/<kind>/<name>``), optionally followed by
 ``@<hex prefix of the content digest>`` to pin the content, is resolved against ``$LORA_CKPT_ROOT`` (any fsspec
-root; s3fs reads its endpoint and credentials from the usual environment variables), downloaded and verified
-into ``$LORA_CKPT_CACHE_DIR/<content_sha256>`` (reused when already there and still verifying), checked to be
-trained on the served base, and loaded by vLLM from there. Anything else (a malformed or unknown name, a
+root; s3fs reads its endpoint and credentials from the usual environment variables), verified, checked to be
+trained on the served base, and loaded by vLLM: a checkpoint on a local root from its own directory, a remote one
+from a verified download into ``$LORA_CKPT_CACHE_DIR/<content_sha256>`` (reused while intact), as ``hotload`` does
+(:func:`~lightning_lora_ckpt.storage.archive.local_copy`). Anything else (a malformed or unknown name, a
 soft-deleted, damaged or other-base checkpoint, a digest that does not match) resolves to nothing, which vLLM
 answers with a 404, and one warning line giving the reason.
 
@@ -17,32 +18,34 @@ point) wraps it in vLLM's ``LoRAResolver`` interface.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping
 from typing import Any
 
-from ..format.layout import KIND_DIRS, ROOT_ENV, SCHEME, CheckpointType, checkpoint_uri, default_root, validate_name
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.layout import (
+    KIND_DIRS,
+    ROOT_ENV,
+    SCHEME,
+    CheckpointType,
+    checkpoint_uri,
+    default_cache_dir,
+    default_root,
+    validate_name,
+)
+from ..format.manifest import Manifest
 from ..format.strict_json import CheckpointFormatError
-from ..storage.archive import download
+from ..storage.archive import local_copy
 from ..storage.commit import deleted_error
-from ..storage.read import check_file, read_manifest
+from ..storage.read import read_manifest
 
 #: The entry point's name under ``vllm.general_plugins`` (what ``VLLM_PLUGINS`` names).
 PLUGIN_NAME = "lightning_lora_ckpt"
 #: The name the resolver is registered under in vLLM's ``LoRAResolverRegistry``.
 RESOLVER_NAME = "lightning-lora-ckpt"
-#: Where downloaded checkpoints are kept, one directory per content digest.
-CACHE_ENV = "LORA_CKPT_CACHE_DIR"
-DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "lightning-lora-ckpt", "vllm")
 #: The shortest and longest content-digest prefix a name may pin (``...@<hex>``).
 MIN_DIGEST_PREFIX, MAX_DIGEST_PREFIX = 8, 64
 _DIGEST = re.compile(r"[0-9a-f]+")
@@ -116,14 +119,14 @@ def parse_model_name(model: str) -> CheckpointName:
 
 
 class CheckpointResolver:
-    """Resolves checkpoint names to verified local copies: what the vLLM plugin does, without vLLM.
+    """Resolves checkpoint names to verified local directories: what the vLLM plugin does, without vLLM.
 
     Thread-safe; concurrent resolutions of the same content wait for one download.
 
     Args:
         root: the checkpoint root (any fsspec URI or local path); ``$LORA_CKPT_ROOT`` (else ``./checkpoints``)
             if None.
-        cache_dir: where verified copies are kept; ``$LORA_CKPT_CACHE_DIR`` (else
+        cache_dir: where verified copies of remote checkpoints are kept; ``$LORA_CKPT_CACHE_DIR`` (else
             ``~/.cache/lightning-lora-ckpt/vllm``) if None.
         storage_options: fsspec options of the root's filesystem (None: the filesystem's defaults and its
             environment variables, e.g. s3fs's ``AWS_*`` and fsspec's ``FSSPEC_S3_*``).
@@ -133,16 +136,14 @@ class CheckpointResolver:
         self, root: str | None = None, cache_dir: str | None = None, storage_options: Mapping[str, Any] | None = None
     ) -> None:
         self.root = default_root(root)
-        self.cache_dir = os.path.abspath(
-            os.path.expanduser(cache_dir or os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
-        )
+        self.cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
         self.storage_options = dict(storage_options or {})
         self._lock = threading.Lock()
         self._digest_locks: dict[str, threading.Lock] = {}
         self._base_fingerprints: dict[str, str | None] = {}
 
     def resolve(self, base_model_name: str, model: str) -> str:
-        """The local directory vLLM should load ``model`` from, downloading and verifying it if needed.
+        """The verified local directory vLLM should load ``model`` from, downloading it if needed.
 
         Args:
             base_model_name: the served base (vLLM's ``--model``: a local directory or a Hub id); a checkpoint
@@ -150,7 +151,8 @@ class CheckpointResolver:
             model: the request's ``model``: see :func:`parse_model_name`.
 
         Returns:
-            The absolute path of the verified copy: ``<cache_dir>/<content_sha256>``.
+            The absolute path of the checkpoint's directory on a local root, else of its verified copy
+            ``<cache_dir>/<content_sha256>``.
 
         Raises:
             ResolveRefused: the name is malformed or unknown, or the checkpoint is soft-deleted, damaged, of
@@ -167,6 +169,23 @@ class CheckpointResolver:
             raise ResolveRefused(f"unknown or unreadable checkpoint: {err}") from None
         except Exception as err:  # the storage itself failed (network, credentials)
             raise ResolveRefused(f"could not read {uri}: {type(err).__name__}: {err}") from None
+        self._refuse_unservable(ref, uri, base_model_name, manifest)  # before anything is downloaded
+        with self._lock:
+            lock = self._digest_locks.setdefault(manifest.content_sha256, threading.Lock())
+        with lock:  # concurrent resolutions of the same content wait for one download
+            try:
+                path, served = local_copy(uri, self.cache_dir, self.storage_options, verify=True)
+            except CheckpointFormatError as err:
+                raise ResolveRefused(f"damaged: {err}") from None
+            except Exception as err:
+                raise ResolveRefused(f"download of {uri} failed: {type(err).__name__}: {err}") from None
+        if served.content_sha256 != manifest.content_sha256:  # replaced meanwhile: check the version served
+            self._refuse_unservable(ref, uri, base_model_name, served)
+        return path
+
+    def _refuse_unservable(self, ref: CheckpointName, uri: str, base_model_name: str, manifest: Manifest) -> None:
+        """Raise ``ResolveRefused`` if the version ``manifest`` describes is deleted, not the pinned content, or of
+        another base than the served one."""
         digest = manifest.content_sha256
         if manifest.deleted_at is not None:
             raise ResolveRefused(f"deleted: {deleted_error(uri, manifest)}")
@@ -174,10 +193,6 @@ class CheckpointResolver:
             raise ResolveRefused(
                 f"content mismatch: {uri} has content digest {digest[:16]}, the name pins {ref.digest_prefix}"
             )
-        self._check_base(base_model_name, manifest, uri)
-        return self._cached_copy(uri, manifest)
-
-    def _check_base(self, base_model_name: str, manifest: Manifest, uri: str) -> None:
         served = self.base_fingerprint(base_model_name)
         if served is not None and served != manifest.base_model.fingerprint:
             raise ResolveRefused(
@@ -188,7 +203,8 @@ class CheckpointResolver:
     def base_fingerprint(self, base_model_name: str) -> str | None:
         """The config fingerprint of the served base, or None (no check) if its config cannot be read.
 
-        Computed once per base; a local directory is read as it is, a Hub id only from the local Hub cache.
+        Computed once per base; a local directory is read as it is, a Hub id only from the local Hub cache (no
+        download on a request).
 
         Args:
             base_model_name: vLLM's ``--model``.
@@ -199,102 +215,35 @@ class CheckpointResolver:
         with self._lock:
             if base_model_name in self._base_fingerprints:
                 return self._base_fingerprints[base_model_name]
-        fingerprint = _config_fingerprint(base_model_name)
+        fingerprint = _base_fingerprint(base_model_name)
         with self._lock:
             self._base_fingerprints[base_model_name] = fingerprint
         return fingerprint
 
-    def _cached_copy(self, uri: str, manifest: Manifest) -> str:
-        digest = manifest.content_sha256
-        target = os.path.join(self.cache_dir, digest)
-        with self._lock:
-            lock = self._digest_locks.setdefault(digest, threading.Lock())
-        with lock:
-            if self._verified(target, uri, manifest):
-                return target
-            try:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                download(uri, target, self.storage_options)
-            except Exception as err:
-                # Another process may have put the same content in place meanwhile.
-                if self._verified(target, uri, manifest):
-                    return target
-                if isinstance(err, CheckpointFormatError):
-                    raise ResolveRefused(f"damaged: {err}") from None
-                raise ResolveRefused(f"download of {uri} failed: {type(err).__name__}: {err}") from None
-            # download() verified the files against the manifest it read; the checkpoint may have been replaced
-            # by other content since this resolver read its own.
-            if _copied_digest(target) != digest:
-                _remove_aside(target)
-                raise ResolveRefused(f"changed while downloaded: {uri} no longer has content digest {digest[:16]}")
-            return target
 
-    def _verified(self, target: str, uri: str, manifest: Manifest) -> bool:
-        """Whether ``target`` holds the files of ``manifest``, whole; a damaged copy is removed."""
-        if not os.path.isdir(target):
-            return False
-        try:
-            for name, entry in manifest.files.items():
-                size, sha256 = _size_and_sha256(os.path.join(target, name))
-                check_file(target, name, entry, size, sha256)
-        except (OSError, CheckpointFormatError) as err:
-            log.warning(
-                "lightning-lora-ckpt: cached copy of %s at %s is damaged, downloading again: %s", uri, target, err
-            )
-            _remove_aside(target)
-            return False
-        return True
+def _base_fingerprint(base_model_name: str) -> str | None:
+    from ..modeling.base import base_fingerprint_of_dir  # imports transformers: vLLM has it imported already
 
-
-def _copied_digest(target: str) -> str | None:
-    """The content digest of the manifest copied into ``target``, or None if it cannot be read."""
-    try:
-        with open(os.path.join(target, MANIFEST), "rb") as f:
-            return Manifest.from_json(f.read(MAX_MANIFEST_BYTES + 1), target).content_sha256
-    except (OSError, CheckpointFormatError):
-        return None
-
-
-def _config_fingerprint(base_model_name: str) -> str | None:
-    from transformers import AutoConfig  # only once a name is resolved: vLLM has transformers imported already
-
-    from ..modeling.base import config_fingerprint
-
-    local = os.path.isdir(base_model_name)
-    if local and not os.path.isfile(os.path.join(base_model_name, "config.json")):
+    directory = base_model_name if os.path.isdir(base_model_name) else _hub_snapshot(base_model_name)
+    fingerprint = base_fingerprint_of_dir(directory) if directory else None
+    if fingerprint is None:
         log.warning(
-            "lightning-lora-ckpt: %s has no config.json; checkpoints are not checked against it", base_model_name
-        )
-        return None
-    try:
-        config = AutoConfig.from_pretrained(base_model_name, trust_remote_code=False, local_files_only=not local)
-    except Exception as err:
-        log.warning(
-            "lightning-lora-ckpt: cannot read the config of the served base %s (%s: %s); checkpoints are not "
-            "checked against it",
+            "lightning-lora-ckpt: the served base %s has no readable config.json here (a model directory, or a Hub "
+            "id in the local Hub cache); checkpoints are not checked against it",
             base_model_name,
-            type(err).__name__,
-            err,
         )
+    return fingerprint
+
+
+def _hub_snapshot(repo_id: str) -> str | None:
+    """The local Hub cache's snapshot directory of ``repo_id`` holding its ``config.json``, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a valid repo id
         return None
-    return config_fingerprint(config)
-
-
-def _size_and_sha256(path: str) -> tuple[int, str]:
-    hasher, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size, hasher.hexdigest()
-
-
-def _remove_aside(target: str) -> None:
-    """Rename ``target`` to a hidden sibling, then delete it: no reader sees it half deleted."""
-    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.stale-", dir=os.path.dirname(target))
-    with contextlib.suppress(OSError):
-        os.rename(target, os.path.join(aside, "copy"))
-    shutil.rmtree(aside, ignore_errors=True)
+    return os.path.dirname(config) if isinstance(config, str) else None
 
 
 def lora_int_id(digest: str) -> int:
@@ -343,6 +292,7 @@ def make_vllm_resolver(resolver: CheckpointResolver, logger: logging.Logger | No
                 out.warning("lightning-lora-ckpt: not serving %r: %s: %s", lora_name[:200], type(err).__name__, err)
                 return None
             out.info("lightning-lora-ckpt: serving %r from %s", lora_name, path)
+            # The directory's name is the content digest for a cached copy (vLLM assigns its own id anyway).
             return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id(os.path.basename(path)), lora_path=path)
 
     return LoraCkptResolver()

@@ -1,5 +1,5 @@
-"""Serving-test helpers that need no vLLM: a built-in base exported as a Hugging Face directory vLLM can load,
-the environment that enables the checkpoint resolver plugin, and sampler checkpoints trained on the served base.
+"""Serving-test helpers that need no vLLM: the environment that enables the checkpoint resolver plugin, and sampler
+checkpoints trained on the served base (which ``modeling.base.export_builtin`` writes as a directory vLLM loads).
 
 Torch, transformers and Lightning are imported inside the functions: importing this module stays cheap.
 """
@@ -14,24 +14,6 @@ from typing import Any
 SERVED_BASE = "tiny-qwen3-hd32"
 #: The entry-point name of the resolver plugin (``[project.entry-points."vllm.general_plugins"]``).
 RESOLVER_PLUGIN = "lightning_lora_ckpt"
-
-
-def export_base(name: str, directory: str | os.PathLike[str]) -> str:
-    """Write the built-in base ``name`` (weights as safetensors, config and tokenizer) to ``directory``.
-
-    Args:
-        name: a built-in base name (``modeling.base.BUILTIN_MODELS``).
-        directory: where to write it (created if absent).
-
-    Returns:
-        ``directory`` as an absolute path: vLLM's ``--model``.
-    """
-    from lightning_lora_ckpt.modeling.base import load_base_model, load_tokenizer
-
-    path = os.path.abspath(directory)
-    load_base_model(name).save_pretrained(path)
-    load_tokenizer(name).save_pretrained(path)
-    return path
 
 
 def resolver_env(root: str, cache_dir: str | os.PathLike[str]) -> dict[str, str]:

@@ -161,7 +161,7 @@ def vllm_server(
     """Start ``vllm.entrypoints.openai.api_server`` on ``base_dir`` with LoRA enabled; stop it on exit.
 
     Args:
-        base_dir: a Hugging Face model directory (``helpers.serving.export_base`` writes one).
+        base_dir: a Hugging Face model directory (``modeling.base.export_builtin`` writes one).
         env: environment variables for the server, over :data:`BASE_ENV` and the test process's own (which
             lends it neither ``VLLM_PLUGINS`` nor ``LORA_CKPT_ROOT``/``LORA_CKPT_CACHE_DIR``).
         extra_args: further command-line arguments of the server.
