@@ -66,7 +66,8 @@ test-stress: $(STAMP)
 test-serving: $(STAMP) $(VLLM_STAMP)
 	LORA_CKPT_VLLM_PYTHON=$(abspath $(VLLM_BIN)/python) $(BIN)/pytest -q -m serving
 
-# Every checkpoint path side by side on a Qwen3-0.6B-shaped model; rewrites docs/benchmarks.{md,json}.
+# Every checkpoint path side by side on a Qwen3-0.6B-shaped model, then on an 8B-shaped state (benchmarks/scale.py,
+# and on the GPU where CUDA is); rewrites docs/benchmarks.{md,json}. `benchmarks/suite.py --quick`: the small part only.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/suite.py
 

@@ -1,13 +1,18 @@
-"""Helpers shared by the benchmark scripts: quiet set-up, batches, trainers, timing, a loopback S3 server."""
+"""Helpers shared by the benchmark scripts: quiet set-up, batches, trainers, synthetic training states, timing,
+round-robin measurement, memory sampling, the safetensors floor, page-cache control, a loopback S3 server."""
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
+import inspect
 import logging
 import os
 import platform
 import shutil
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -15,10 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import safetensors.torch
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_lora_ckpt.storage.local import fsync_path
+
 BUCKET = "bench"
+#: (name, in features, out features) of a linear projection LoRA adapts.
+Projection = tuple[str, int, int]
+#: One measurement of a round-robin group: called with the round's index, returns its timings (and sizes).
+Method = Callable[[int], dict[str, float]]
 
 
 def quiet() -> None:
@@ -55,6 +67,79 @@ def make_trainer(plugins: list[Any] | None, steps: int) -> L.Trainer:
     )
 
 
+def training_state(
+    projections: list[Projection], layers: int, rank: int, step: int, base: str, step_tensors: bool = False
+) -> dict[str, Any]:
+    """A Lightning checkpoint dict of a LoRA adapter on ``projections`` of ``layers`` decoder layers and AdamW's
+    moments (random float32 values), without a base model, in the shape ``LoRACheckpointIO.save_checkpoint`` takes.
+
+    With ``step_tensors`` each parameter's AdamW ``step`` is a 0-dim float32 tensor, as ``torch.optim.AdamW`` keeps
+    it; otherwise an int.
+    """
+    adapter, moments = {}, {}
+    for layer in range(layers):
+        for name, fan_in, fan_out in projections:
+            prefix = f"base_model.model.model.layers.{layer}.{name}"
+            for key, shape in (
+                (f"{prefix}.lora_A.weight", (rank, fan_in)),
+                (f"{prefix}.lora_B.weight", (fan_out, rank)),
+            ):
+                adapter[key] = torch.randn(shape)
+                count = torch.tensor(float(step)) if step_tensors else step
+                moments[len(moments)] = {"exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape), "step": count}
+    config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": [n for n, _, _ in projections], "peft_type": "LORA"}
+    return {
+        "state_dict": adapter,
+        "lora_ckpt": {"adapter_config": config, "base_model": {"name_or_path": base, "fingerprint": "0" * 64}},
+        "global_step": step,
+        "epoch": 0,
+        "optimizer_states": [{"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]}],
+    }
+
+
+def floor_tensors(adapter: dict[str, torch.Tensor], optimizer_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors a training checkpoint cannot do without: the adapter and every tensor of an optimizer's
+    ``state_dict()``, flat, by name."""
+    tensors = {f"adapter.{key}": value for key, value in adapter.items()}
+    for index, state in optimizer_state["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return tensors
+
+
+def save_floor(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The floor of a save: one ``safetensors`` file of ``tensors`` (copied to the CPU first if they are not there),
+    fsynced, and its directory fsynced."""
+    safetensors.torch.save_file({k: v.to("cpu") for k, v in tensors.items()}, path)
+    fsync_path(str(path))
+    fsync_path(str(path.parent))
+
+
+def read_floor(path: str | os.PathLike[str], lazy: bool = False) -> dict[str, torch.Tensor]:
+    """The floor of a read: ``safetensors.torch.load_file`` of the file, every byte read into memory (its
+    ``pread`` backend). safetensors >= 0.8 maps the file by default and reads nothing until a tensor is used;
+    ``lazy`` measures that mapped load instead (older versions have no ``backend`` and always read)."""
+    if lazy or "backend" not in inspect.signature(safetensors.torch.load_file).parameters:
+        return safetensors.torch.load_file(path)
+    return safetensors.torch.load_file(path, backend="pread")
+
+
+def set_page_cache(path: str | os.PathLike[str], cache: str) -> None:
+    """Before a timed read of the files at ``path``: ``"warm"`` reads them once (untimed) so that they are all in the
+    page cache; ``"cold"`` flushes and evicts them (``posix_fadvise(DONTNEED)``, no root needed)."""
+    files = [Path(path)] if Path(path).is_file() else sorted(f for f in Path(path).rglob("*") if f.is_file())
+    if cache == "cold":
+        os.sync()
+    for file in files:
+        with open(file, "rb") as f:
+            if cache == "warm":
+                while f.read(64 << 20):
+                    pass
+            elif cache == "cold":
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                raise ValueError(f"cache must be 'warm' or 'cold', got {cache!r}")
+
+
 def path_bytes(path: str | os.PathLike[str]) -> int:
     """Size of a file, or the total size of the files under a directory."""
     p = Path(path)
@@ -72,6 +157,113 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     """Median wall-clock seconds of ``repeats`` calls, and the last call's result."""
     runs = [elapsed(fn) for _ in range(repeats)]
     return statistics.median(t for t, _ in runs), runs[-1][1]
+
+
+def release_memory() -> None:
+    """Collect garbage and hand the heap memory freed so far back to the OS (glibc ``malloc_trim``): tensors under
+    glibc's mmap threshold (32 MB at most) come from the heap, which otherwise keeps what earlier methods freed, so
+    that the next method would find it without page faults and without its resident memory growing."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def round_robin(methods: dict[str, Method], repeats: int) -> dict[str, dict[str, Any]]:
+    """Call every method once per round for ``repeats`` rounds; per method, the median of each timing it returns.
+
+    Before each call, untimed, ``os.sync()`` flushes what earlier calls left unsynced (Lightning and the HF
+    Trainer do not fsync), and :func:`release_memory` frees what they left behind, so no method pays for another's
+    writeback or profits from its freed memory.
+    """
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    for i in range(repeats):
+        for name, method in methods.items():
+            release_memory()
+            os.sync()
+            for field, value in method(i).items():
+                samples[name].setdefault(field, []).append(value)
+    return {
+        name: {**{field: statistics.median(values) for field, values in fields.items()}, "samples": fields}
+        for name, fields in samples.items()
+    }
+
+
+def memory_bytes() -> tuple[int, int]:
+    """This process's resident memory and the anonymous part of it (resident less file-backed and shared pages:
+    ``/proc/self/statm``; psutil elsewhere)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            fields = f.read().split()
+        page = os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * page, (int(fields[1]) - int(fields[2])) * page
+    except OSError:
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return info.rss, info.rss - getattr(info, "shared", 0)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (``VmHWM``, Linux >= 4.0); whether it could."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _kernel_peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """``with PeakRss() as mem: ...``: the peak resident memory during the block above the level at its start:
+    ``mem.extra`` (all resident pages, file-mapped ones too) and ``mem.extra_anon`` (anonymous pages only).
+
+    A background thread samples every ``interval`` seconds (and at both ends); the total peak is also read from the
+    kernel's peak-RSS mark, reset at the start, where Linux allows it, so a sample missed while another thread held
+    the GIL cannot hide a peak. Call :func:`release_memory` before, so that freed heap memory does not hide growth.
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.baseline = self.peak = self.baseline_anon = self.peak_anon = 0
+        self._kernel = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._update()
+
+    def _update(self) -> None:
+        total, anon = memory_bytes()
+        self.peak, self.peak_anon = max(self.peak, total), max(self.peak_anon, anon)
+
+    def __enter__(self) -> PeakRss:
+        self._kernel = _reset_peak_rss()
+        self.baseline, self.baseline_anon = memory_bytes()
+        self.peak, self.peak_anon = self.baseline, self.baseline_anon
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._update()
+        if self._kernel:
+            self.peak = max(self.peak, _kernel_peak_rss())
+
+    @property
+    def extra(self) -> int:
+        return self.peak - self.baseline
+
+    @property
+    def extra_anon(self) -> int:
+        return self.peak_anon - self.baseline_anon
 
 
 def disk(path: str | os.PathLike[str]) -> str:

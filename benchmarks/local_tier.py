@@ -17,15 +17,13 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any
 
-import torch
-from _common import BUCKET, moto_s3, quiet
+from _common import BUCKET, Projection, moto_s3, quiet, training_state
 
 from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 
 #: (name, in features, out features) of the Qwen3-0.6B projections.
-PROJECTIONS = [
+PROJECTIONS: list[Projection] = [
     ("q_proj", 1024, 2048),
     ("k_proj", 1024, 1024),
     ("v_proj", 1024, 1024),
@@ -36,35 +34,13 @@ PROJECTIONS = [
 ]
 
 
-def training_state(layers: int, rank: int, step: int) -> dict[str, Any]:
-    """A Lightning checkpoint dict of that shape: the adapter and AdamW moments, random values."""
-    adapter, moments = {}, {}
-    for layer in range(layers):
-        for name, fan_in, fan_out in PROJECTIONS:
-            prefix = f"base_model.model.model.layers.{layer}.{name}"
-            for key, shape in (
-                (f"{prefix}.lora_A.weight", (rank, fan_in)),
-                (f"{prefix}.lora_B.weight", (fan_out, rank)),
-            ):
-                adapter[key] = torch.randn(shape)
-                moments[len(moments)] = {"exp_avg": torch.randn(shape), "exp_avg_sq": torch.rand(shape), "step": step}
-    config = {"r": rank, "lora_alpha": 2 * rank, "target_modules": [n for n, _, _ in PROJECTIONS], "peft_type": "LORA"}
-    return {
-        "state_dict": adapter,
-        "lora_ckpt": {"adapter_config": config, "base_model": {"name_or_path": "qwen3-0.6b", "fingerprint": "0" * 64}},
-        "global_step": step,
-        "epoch": 0,
-        "optimizer_states": [{"state": moments, "param_groups": [{"lr": 1e-4, "params": list(moments)}]}],
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=28)
     args = parser.parse_args()
     quiet()
-    state = training_state(args.layers, 16, 1)
+    state = training_state(PROJECTIONS, args.layers, 16, 1, "qwen3-0.6b")
     with moto_s3() as options, tempfile.TemporaryDirectory() as tier:
         root = f"s3://{BUCKET}/{uuid.uuid4().hex}"
         direct = LoRACheckpointIO(root=root, run_id="direct", async_save=False, storage_options=options)

@@ -1,4 +1,5 @@
-"""The benchmark suite's quick mode runs end to end and reports every row; no timing is asserted."""
+"""The benchmark suite runs end to end (a tiny 8B-shaped group) and reports every row and target; no timing is
+asserted."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.append(str(BENCHMARKS))
-import suite  # noqa: E402  (benchmarks/ is not a package)
+import report  # noqa: E402  (benchmarks/ is not a package)
+import scale  # noqa: E402
+import suite  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +25,8 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
     tmp = tmp_path_factory.mktemp("bench")
     out_json, out_md = tmp / "bench.json", tmp / "bench.md"
-    quick = ["--base-model", "tiny-qwen3", "--repeats", "1"]
+    # the whole path, with the 8B shape cut to one layer of rank 4 (the GPU group runs only where CUDA is)
+    quick = ["--base-model", "tiny-qwen3", "--repeats", "1", "--scale-layers", "1", "--scale-rank", "4"]
     outputs = ["--json", str(out_json), "--markdown", str(out_md), "--workdir", str(tmp)]
     subprocess.run(
         [sys.executable, str(BENCHMARKS / "suite.py"), *quick, *outputs],
@@ -56,13 +61,64 @@ def test_every_row_is_measured(quick_run: tuple[dict[str, Any], str]) -> None:
 
 def test_targets_and_ratios_follow_from_rows(quick_run: tuple[dict[str, Any], str]) -> None:
     result, _ = quick_run
-    rows = result["rows"]
+    groups = {"suite": result["rows"], "scale": result["scale"]["rows"]}
     assert [t["name"] for t in result["targets"]] == [t.name for t in suite.TARGETS]
     for target, spec in zip(result["targets"], suite.TARGETS, strict=True):
+        assert target["limit"] == spec.limit
+        if spec.group not in groups:  # S3 listing: no benchmark yet
+            assert target["value"] is None and target["pass"] is None
+            assert target["skipped"] == report.NOT_MEASURED
+            continue
+        rows = groups[spec.group]
         (a_row, a_field), (b_row, b_field) = spec.numerator, spec.denominator
         assert target["value"] == pytest.approx(rows[a_row][a_field] / rows[b_row][b_field])
         assert target["pass"] == (target["value"] <= target["limit"])
     assert set(result["comparisons"]) == set(suite.COMPARISONS)
+    assert set(result["scale"]["comparisons"]) == set(scale.COMPARISONS)
+    limits = {t["name"]: t["limit"] for t in result["targets"]}
+    assert limits["save_vs_floor"] == 1.10 and limits["async_blocking_vs_sync_8b"] == 0.05
+    assert {"async_extra_memory_8b", "async_blocking_vs_dcp_async", "s3_list_10k_seconds"} <= set(limits)
+
+
+def test_scale_group_is_measured(quick_run: tuple[dict[str, Any], str]) -> None:
+    result, _ = quick_run
+    group = result["scale"]
+    assert list(group["rows"]) == list(scale.ROWS)
+    cfg = group["config"]
+    assert cfg["layers"] == 1 and cfg["lora_rank"] == 4 and cfg["reads_verified"] is True
+    # adapter + exp_avg + exp_avg_sq of r=4 on the 7 projections of one layer, and a 4-byte step per parameter
+    assert cfg["trainable_parameters"] == sum(4 * (i + o) for _, i, o in scale.LLAMA3_8B)
+    assert cfg["state_bytes"] == 3 * 4 * cfg["trainable_parameters"] + 4 * 2 * len(scale.LLAMA3_8B)
+    for key, row in group["rows"].items():
+        assert row["seconds"] > 0 and row["description"] == scale.ROWS[key], key
+        if key.startswith("save."):
+            assert row["bytes"] > 0, key
+    for key in ("save.ours_async", "save.lightning_async", "save.dcp_async"):
+        row = group["rows"][key]
+        assert row["seconds"] <= row["copied_seconds"] <= row["committed_seconds"], key
+        assert row["state_bytes"] == cfg["state_bytes"] and "extra_rss_bytes" in row, key
+    if torch.cuda.is_available():  # the saves only, the state on the GPU
+        assert [k for k in result["gpu"]["rows"] if not k.startswith("save.")] == []
+    else:
+        assert result["gpu"] == {"skipped": "no CUDA"}
+
+
+def test_quick_and_unmeasured_groups_are_recorded_as_skipped() -> None:
+    rows = {"save.ours_training_sync": {"seconds": 1.0}, "save.floor": {"seconds": 2.0}}
+    targets = [t for t in suite.TARGETS if t.name in ("save_vs_floor", "resume_vs_floor_8b", "s3_list_10k_requests")]
+    entries = report.evaluate(targets, {"suite": {"rows": rows}, "scale": {"skipped": "--quick"}})
+    assert entries[0] == {
+        "name": "save_vs_floor",
+        "description": targets[0].description,
+        "value": 0.5,
+        "limit": 1.10,
+        "pass": True,
+    }
+    assert [(e["value"], e["pass"], e["skipped"]) for e in entries[1:]] == [
+        (None, None, "--quick"),
+        (None, None, report.NOT_MEASURED),
+    ]
+    assert report.scale_markdown("8B", {"skipped": "--quick"})[-1] == "Skipped: --quick."
 
 
 def test_markdown_agrees_with_json(quick_run: tuple[dict[str, Any], str]) -> None:
@@ -74,8 +130,14 @@ def test_markdown_agrees_with_json(quick_run: tuple[dict[str, Any], str]) -> Non
         assert f"| {row['seconds']:.3f}" in line, key
         if "bytes" in row:
             assert f"| {row['bytes']:,} (" in line, key
+    for key, row in result["scale"]["rows"].items():
+        (line,) = [line for line in lines if line.startswith(f"| {row['description']} |")]
+        assert f"| {row['seconds']:.3f} |" in line, key
     for target in result["targets"]:
         (line,) = [line for line in lines if line.startswith(f"| {target['description']} |")]
+        if target["value"] is None:
+            assert line.endswith("| skipped |") and target["skipped"] in line
+            continue
         assert line.endswith("| PASS |" if target["pass"] else "| **MISS** |")
         assert f"| {target['value']:.4f} |" in line
     assert result["machine"]["cpu"] in markdown

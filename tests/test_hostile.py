@@ -35,6 +35,7 @@ from lightning_lora_ckpt import (
     SamplingClient,
     merge_adapter,
 )
+from lightning_lora_ckpt.format.digests import ALGORITHMS, DEFAULT_ALGORITHM
 from lightning_lora_ckpt.format.manifest import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -269,10 +270,10 @@ def test_pickles_disguised_as_checkpoint_files_never_run(env: Env, tmp_path: Pat
 CASES: list[tuple[str, str, Callable[[Path], None], str]] = [
     # (id, the file whose reading must refuse it, tampering, the message)
     (
-        "wrong sha256",
+        "wrong digest",
         ADAPTER_WEIGHTS,
-        edit_manifest(set_key(("files", ADAPTER_WEIGHTS, "sha256"), "0" * 64)),
-        r"damaged: adapter_model\.safetensors has \d+ bytes and sha256 \w+, the manifest says \d+ bytes and 000000",
+        edit_manifest(set_key(("files", ADAPTER_WEIGHTS, DEFAULT_ALGORITHM), "0" * 64)),
+        r"damaged: adapter_model\.safetensors has \d+ bytes and blake3 \w+, the manifest says \d+ bytes and 000000",
     ),
     (
         "size too small",
@@ -329,7 +330,7 @@ CASES: list[tuple[str, str, Callable[[Path], None], str]] = [
         "empty file",
         MANIFEST,
         edit_manifest(set_key(("files", ADAPTER_CONFIG, "size"), 0)),
-        r"key 'files': bad size or sha256 for 'adapter_config\.json'",
+        r"key 'files': bad size or blake3 for 'adapter_config\.json'",
     ),
     ("bad base_model", MANIFEST, edit_manifest(set_key("base_model", {"name_or_path": "x"})), r"key 'base_model'"),
     (
@@ -573,7 +574,10 @@ times = st.datetimes(timezones=st.just(timezone.utc), min_value=datetime(1970, 1
 def manifests(draw: st.DrawFn) -> Manifest:
     checkpoint_type = draw(st.sampled_from(["sampler", "training"]))
     wanted = (ADAPTER_WEIGHTS, ADAPTER_CONFIG) + ((STATE_TENSORS, STATE_JSON) if checkpoint_type == "training" else ())
-    files = {name: FileEntry(draw(st.integers(1, 1 << 20)), draw(sha256s)) for name in wanted}
+    files = {
+        name: FileEntry(draw(st.integers(1, 1 << 20)), draw(sha256s), draw(st.sampled_from(ALGORITHMS)))
+        for name in wanted
+    }
     return Manifest(
         checkpoint_type=checkpoint_type,
         run_id=draw(names),

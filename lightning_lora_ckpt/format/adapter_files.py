@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .files import FileContent
+from .files import FileContent, ReadBytes
 from .manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MAX_FILE_BYTES
 from .strict_json import CheckpointFormatError, load_json_object
 from .tensor_files import load_tensors, safetensors_file
@@ -69,7 +69,7 @@ def encode_adapter(tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> 
 
 
 def decode_adapter(
-    files: dict[str, bytes], lora_rank: int, source: str
+    files: dict[str, ReadBytes], lora_rank: int, source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The (tensors, PEFT config) of an adapter's verified files; ``lora_rank`` is the manifest's.
 

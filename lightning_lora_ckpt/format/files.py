@@ -21,4 +21,7 @@ class LazyFile:
 
 
 #: The content of one file of a checkpoint.
-FileContent = bytes | LazyFile
+FileContent = bytes | memoryview | LazyFile
+#: The verified bytes of a file read back: ``bytes``, or a writable ``memoryview`` of an uninitialised buffer
+#: (a local file, read without the zero-filling and copying of ``bytes``), whose tensors are decoded without a copy.
+ReadBytes = bytes | memoryview

@@ -1,7 +1,7 @@
 """The checkpoint format: file names of a checkpoint directory and its ``checkpoint.json`` manifest.
 
 The manifest is written last; a directory without one is not a checkpoint. It lists every other file
-with size and sha256 (the immutable content) next to mutable metadata (expiry, public flag), so the
+with its size and digest (BLAKE3, or sha256 in older checkpoints: the immutable content) next to mutable metadata (expiry, public flag), so the
 metadata can change without touching or invalidating the checksummed files.
 """
 
@@ -11,11 +11,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from .digests import ALGORITHMS, HEX_DIGEST, Algorithm
 from .layout import CheckpointType, validate_name
 from .strict_json import CheckpointFormatError, iso_time, load_json_object, parse_time
 
@@ -37,20 +37,25 @@ MAX_MANIFEST_BYTES = 1 << 20
 #: Size caps for the JSON files of a checkpoint, far above any real one: a manifest listing more is refused.
 MAX_FILE_BYTES = {ADAPTER_CONFIG: 1 << 20, STATE_JSON: 64 << 20}
 _REQUIRED: Any = object()
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclasses.dataclass(frozen=True)
 class FileEntry:
-    """Size and sha256 of one file of a checkpoint.
+    """Size and digest of one file of a checkpoint; in ``checkpoint.json``, ``{"size": ..., "<algorithm>": ...}``.
 
     Attributes:
         size: the file's size in bytes.
-        sha256: the sha256 of its bytes, as 64 lowercase hex digits.
+        digest: the digest of its bytes, as 64 lowercase hex digits.
+        algorithm: ``"blake3"`` (new checkpoints) or ``"sha256"`` (older ones).
     """
 
     size: int
-    sha256: str
+    digest: str
+    algorithm: Algorithm
+
+    def to_json(self) -> dict[str, Any]:
+        """The entry as ``checkpoint.json`` holds it: the algorithm names the digest's key."""
+        return {"size": self.size, self.algorithm: self.digest}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,7 @@ class Manifest:
         epoch: the epoch it was saved in.
         base_model: the frozen base it needs.
         lora_rank: the adapter's LoRA rank ``r``.
-        files: size and sha256 of every other file of the checkpoint, by file name.
+        files: size and digest of every other file of the checkpoint, by file name.
         expires_at: when ``gc`` may delete it (UTC), or None; mutable.
         public: whether it is published (never deleted by ``gc`` or lifecycle rules); mutable.
         user_metadata: free-form JSON metadata; mutable.
@@ -134,7 +139,7 @@ class Manifest:
     @property
     def content_sha256(self) -> str:
         """Identity of the checkpoint's immutable content (the checksummed file list)."""
-        files = {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())}
+        files = {k: v.to_json() for k, v in sorted(self.files.items())}
         return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
 
     @property
@@ -149,6 +154,7 @@ class Manifest:
             UTF-8 JSON with ``format`` and ``format_version`` first and times as ISO-8601 UTC.
         """
         data = dataclasses.asdict(self)
+        data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
         data["deleted_at"] = iso_time(self.deleted_at) if self.deleted_at else None
@@ -249,18 +255,6 @@ def _metrics(value: Any) -> dict[str, float]:
 _MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fields(Manifest))}
 
 
-def sha256_hex(data: bytes) -> str:
-    """The sha256 of ``data``, as a manifest lists it.
-
-    Args:
-        data: the bytes to hash.
-
-    Returns:
-        64 lowercase hex digits.
-    """
-    return hashlib.sha256(data).hexdigest()
-
-
 def _expect(value: Any, typ: type) -> Any:
     if type(value) is not typ:
         raise TypeError(f"expected {typ.__name__}, got {str(value)[:100]!r}")
@@ -282,11 +276,14 @@ def _checkpoint_type(value: Any) -> CheckpointType:
 def _files(value: Any) -> dict[str, FileEntry]:
     files = {}
     for name, entry in _expect(value, dict).items():
-        if set(_expect(entry, dict)) != {"size", "sha256"}:
-            raise ValueError(f"the entry of {name[:100]!r} must hold exactly 'size' and 'sha256'")
-        if type(entry["size"]) is not int or entry["size"] < 1 or not _SHA256.fullmatch(str(entry["sha256"])):
-            raise ValueError(f"bad size or sha256 for {name[:100]!r} (no file of a checkpoint is empty)")
-        files[name] = FileEntry(entry["size"], entry["sha256"])
+        keys = set(_expect(entry, dict))
+        algorithms = [a for a in ALGORITHMS if keys == {"size", a}]
+        if not algorithms:
+            raise ValueError(f"the entry of {name[:100]!r} must hold exactly 'size' and one of {', '.join(ALGORITHMS)}")
+        digest = entry[algorithms[0]]
+        if type(entry["size"]) is not int or entry["size"] < 1 or not HEX_DIGEST.fullmatch(str(digest)):
+            raise ValueError(f"bad size or {algorithms[0]} for {name[:100]!r} (no file of a checkpoint is empty)")
+        files[name] = FileEntry(entry["size"], digest, algorithms[0])
     return files
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .adapter_files import decode_adapter, encode_adapter
-from .files import FileContent
+from .files import FileContent, ReadBytes
 from .layout import CheckpointType
 from .manifest import MAX_FILE_BYTES, STATE_JSON, STATE_TENSORS, BaseModelRef, Manifest
 from .state_codec import decode_state, encode_state
@@ -106,7 +106,7 @@ class CheckpointPayload:
         return files
 
     @classmethod
-    def from_files(cls, manifest: Manifest, files: dict[str, bytes], source: str) -> CheckpointPayload:
+    def from_files(cls, manifest: Manifest, files: dict[str, ReadBytes], source: str) -> CheckpointPayload:
         """Rebuild a payload from verified file contents (the state only if its files are among them).
 
         Args:

@@ -19,7 +19,7 @@ class CheckpointFormatError(ValueError):
     """
 
 
-def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
+def load_json_object(raw: bytes | memoryview, limit: int, source: str) -> dict[str, Any]:
     """Parse ``raw`` as a strict JSON object, refusing more than ``limit`` bytes before parsing.
 
     ``NaN``/``Infinity`` (not JSON; never written here) and duplicate keys (which other readers may
@@ -40,7 +40,11 @@ def load_json_object(raw: bytes, limit: int, source: str) -> dict[str, Any]:
     if len(raw) > limit:
         raise CheckpointFormatError(f"{source}: larger than {limit} bytes, far more than a valid one; refusing it")
     try:
-        data = json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+        data = json.loads(
+            bytes(raw) if isinstance(raw, memoryview) else raw,
+            parse_constant=_refuse_constant,
+            object_pairs_hook=_unique_keys,
+        )
     except (ValueError, RecursionError) as err:
         raise CheckpointFormatError(f"{source}: not JSON ({str(err)[:200]})") from err
     if not isinstance(data, dict):

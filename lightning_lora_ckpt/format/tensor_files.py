@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import math
+import struct
 
 import safetensors
 import safetensors.torch
@@ -28,8 +31,16 @@ def safetensors_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str] 
     )
 
 
-def load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
+#: safetensors dtype names -> torch dtypes: safetensors' own table (its loader's), so both decoders agree.
+_DTYPES: dict[str, torch.dtype] = {k: v for k, v in safetensors.torch._TYPES.items() if isinstance(v, torch.dtype)}
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+
+
+def load_tensors(data: bytes | memoryview, source: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (never a pickle).
+
+    A writable ``memoryview`` (a file read locally, ``storage.read``) is decoded without copying: the tensors are
+    views of it, each checked to lie inside it, with no two overlapping. ``bytes`` are decoded by safetensors.
 
     Args:
         data: the file's bytes.
@@ -42,6 +53,45 @@ def load_tensors(data: bytes, source: str) -> dict[str, torch.Tensor]:
         CheckpointFormatError: naming ``source``, if ``data`` is not a valid safetensors file.
     """
     try:
-        return safetensors.torch.load(data)
-    except (safetensors.SafetensorError, ValueError, TypeError) as err:
+        if isinstance(data, memoryview) and not data.readonly:
+            return _views(data)
+        return safetensors.torch.load(bytes(data))
+    except (safetensors.SafetensorError, ValueError, TypeError, KeyError, struct.error) as err:
         raise CheckpointFormatError(f"{source} is not a valid safetensors file: {err}") from err
+
+
+def _views(data: memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of ``data``, after the checks safetensors itself makes."""
+    (length,) = struct.unpack_from("<Q", data)
+    if length > _MAX_HEADER:
+        raise ValueError(f"header too large ({length} bytes)")
+    if not 0 < length <= len(data) - 8:
+        raise ValueError(f"a header of {length} bytes in a file of {len(data)}")
+    header = json.loads(bytes(data[8 : 8 + length]))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, body = 8 + length, len(data) - 8 - length
+    spans = []
+    for name, info in header.items():
+        dtype, shape, (begin, end) = _DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+        if not all(type(d) is int and d >= 0 for d in shape) or not (type(begin) is type(end) is int):
+            raise ValueError(f"tensor {name!r} has a bad shape or offsets")
+        if not 0 <= begin <= end <= body or end - begin != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: offsets {begin}..{end} do not fit its shape or the file")
+        spans.append((begin, end, name, dtype, shape))
+    spans.sort()
+    if [b for b, *_ in spans] != [0, *(e for _, e, *_ in spans[:-1])] or (spans and spans[-1][1] != body):
+        raise ValueError("the tensors do not cover the data exactly once")
+    tensors = {}
+    for begin, end, name, dtype, shape in spans:
+        offset = start + begin
+        if end == begin:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        elif offset % dtype.itemsize:  # unaligned for its dtype: copied out
+            tensors[name] = torch.frombuffer(bytearray(data[offset : start + end]), dtype=dtype).reshape(shape)
+        else:
+            tensors[name] = torch.frombuffer(
+                data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=offset
+            ).reshape(shape)
+    return tensors

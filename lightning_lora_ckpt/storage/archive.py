@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tarfile
@@ -15,6 +14,7 @@ from typing import Any
 from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 
+from ..format.digests import file_digest
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from ..format.strict_json import CheckpointFormatError
@@ -75,10 +75,10 @@ def download(
             callback=_ProgressCallback(progress),
         )
         names = list(manifest.files)
-        with ThreadPoolExecutor() as pool:  # hashlib releases the GIL: hash the files in parallel
-            digests = pool.map(_size_and_sha256, [os.path.join(staging, n) for n in names])
-        for name, (size, sha256) in zip(names, digests, strict=True):
-            check_file(uri, name, manifest.files[name], size, sha256)
+        with ThreadPoolExecutor() as pool:  # the hashes release the GIL: hash the files in parallel
+            digests = pool.map(lambda n: file_digest(os.path.join(staging, n), manifest.files[n].algorithm), names)
+        for name, (size, digest) in zip(names, digests, strict=True):
+            check_file(uri, name, manifest.files[name], size, digest)
             if progress:  # some filesystems (local copies) report no progress of their own
                 progress(name, size, size)
         if os.path.exists(target):
@@ -270,15 +270,6 @@ class _ProgressCallback(Callback):
             self.progress(self.name, self.value, self.size or self.value)
 
 
-def _size_and_sha256(path: str) -> tuple[int, str]:
-    hasher, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            hasher.update(chunk)
-            size += len(chunk)
-    return size, hasher.hexdigest()
-
-
 def local_copy(
     uri: str,
     cache_dir: str | os.PathLike[str],
@@ -336,10 +327,10 @@ def _check_files(directory: str, manifest: Manifest, uri: str) -> None:
     """Raise ``CheckpointFormatError`` (naming ``uri``) unless each file of ``manifest`` in ``directory`` matches."""
     for name, entry in manifest.files.items():
         try:
-            size, sha256 = _size_and_sha256(os.path.join(directory, name))
+            size, digest = file_digest(os.path.join(directory, name), entry.algorithm)
         except FileNotFoundError:
             raise CheckpointFormatError(f"Checkpoint {uri} is damaged: {name} is missing") from None
-        check_file(uri, name, entry, size, sha256)
+        check_file(uri, name, entry, size, digest)
 
 
 def _cached_intact(directory: str, content_sha256: str) -> bool:

@@ -82,7 +82,7 @@ def push_to_hub(
         raise HubPublishError(f"Cannot push to {repo_id}: no Hugging Face token; pass token= or set HF_TOKEN")
     api = HfApi(token=token)  # built per call: the endpoint and token are read now, not at import
     kind = TYPE_DIRS[manifest.checkpoint_type]
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=data) for name, data in files.items()]
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=bytes(data)) for name, data in files.items()]
     with _hub_errors(api, repo_id):
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.create_commit(

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from ..format.files import ReadBytes
 from ..format.layout import resolve
 from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, Manifest
 from ..format.payload import CheckpointPayload
@@ -32,7 +33,7 @@ class OpenedCheckpoint:
 
     uri: str
     manifest: Manifest
-    files: dict[str, bytes]
+    files: dict[str, ReadBytes]
     payload: CheckpointPayload
 
     @property

@@ -6,7 +6,6 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import hashlib
 import os
 import re
 import uuid
@@ -15,8 +14,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fsspec.implementations.local import LocalFileSystem
 
+from ..format.digests import DEFAULT_ALGORITHM, digest_hex, file_digest
 from ..format.files import FileContent
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from ..format.strict_json import CheckpointFormatError
 from .fs import storage_errors
 from .protocol import CommitProtocol, MakeManifest, refuse_to_replace, saved_concurrently
@@ -65,15 +65,15 @@ class LocalRenameCommit(CommitProtocol):
                 synced = []
                 for fname, content in files.items():
                     target = os.path.join(tmp, fname)
-                    if isinstance(content, bytes):
+                    if isinstance(content, (bytes, memoryview)):
                         _write_file(target, content)
-                        digests[fname] = pool.submit(sha256_hex, content)
+                        digests[fname] = pool.submit(digest_hex, content)
                     else:
                         content.write(target)
-                        digests[fname] = pool.submit(_sha256_file, target)
+                        digests[fname] = pool.submit(lambda t: file_digest(t)[1], target)
                     synced.append(pool.submit(fsync_path, target))
                 entries = {
-                    fname: FileEntry(os.path.getsize(os.path.join(tmp, fname)), digest.result())
+                    fname: FileEntry(os.path.getsize(os.path.join(tmp, fname)), digest.result(), DEFAULT_ALGORITHM)
                     for fname, digest in digests.items()
                 }
                 for future in synced:
@@ -115,7 +115,7 @@ class LocalRenameCommit(CommitProtocol):
                 raw = f.read(MAX_MANIFEST_BYTES + 1)
         except (FileNotFoundError, NotADirectoryError):
             return None
-        return raw, sha256_hex(raw)
+        return raw, digest_hex(raw, "sha256")
 
     def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         with _locked(os.path.dirname(path)):
@@ -209,19 +209,9 @@ def replace_file(path: str, data: bytes) -> None:
         raise
 
 
-def _write_file(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes | memoryview) -> None:
     with open(path, "wb") as f:
         f.write(data)
-
-
-def _sha256_file(path: str) -> str:
-    """sha256 of a local file, read back in chunks (from the page cache, just after it was written)."""
-    digest, chunk = hashlib.sha256(), bytearray(1 << 20)
-    view = memoryview(chunk)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(chunk):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -17,9 +17,10 @@ import threading
 import uuid
 from collections.abc import Hashable, Mapping
 
+from ..format.digests import DEFAULT_ALGORITHM, digest_hex
 from ..format.files import FileContent
 from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from .fs import CheckpointWriteError, storage_errors
 from .listing import modified_time
 from .protocol import CommitProtocol, MakeManifest, refuse_to_replace, saved_concurrently
@@ -64,8 +65,10 @@ class ManifestLastCommit(CommitProtocol):
             CheckpointConflictError: the checkpoint to replace is published.
             CheckpointWriteError: the store kept failing, or this save's objects vanished before its commit.
         """
-        contents = {name: c if isinstance(c, bytes) else c.render() for name, c in files.items()}
-        manifest = make_manifest({name: FileEntry(len(data), sha256_hex(data)) for name, data in contents.items()})
+        contents = {name: bytes(c) if isinstance(c, (bytes, memoryview)) else c.render() for name, c in files.items()}
+        manifest = make_manifest(
+            {name: FileEntry(len(data), digest_hex(data), DEFAULT_ALGORITHM) for name, data in contents.items()}
+        )
         with storage_errors("write checkpoint", uri), self._exclusive():
             self._clear(uri, path, replace)
             uploaded: dict[str, Hashable] = {}
@@ -164,7 +167,7 @@ class ManifestLastCommit(CommitProtocol):
             raw = self.fs.cat_file(join(path, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
         except FileNotFoundError:
             return None
-        return raw, sha256_hex(raw)
+        return raw, digest_hex(raw, "sha256")
 
     def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         with self._lock:

@@ -21,8 +21,12 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from fsspec.implementations.local import LocalFileSystem
+
+from ..format.digests import digest_hex, read_with_digest
+from ..format.files import ReadBytes
 from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest, sha256_hex
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from ..format.records import VerifyReport
 from ..format.strict_json import CheckpointFormatError
 from .commit import CommitProtocol, open_protocol
@@ -72,7 +76,7 @@ def _manifest_if_any(uri: str, storage_options: Mapping[str, Any] | None) -> Man
 
 def read_files(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None = None
-) -> dict[str, bytes]:
+) -> dict[str, ReadBytes]:
     """Read ``names`` from the checkpoint at ``uri``, checking each against the manifest's size and sha256.
 
     A checkpoint replaced since ``manifest`` was read fails the check; :func:`read_checkpoint` reads
@@ -99,24 +103,24 @@ def read_files(
 
 def _read_each(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None
-) -> tuple[dict[str, bytes], dict[str, CheckpointFormatError]]:
+) -> tuple[dict[str, ReadBytes], dict[str, CheckpointFormatError]]:
     """Read and check each of ``names``: the verified bytes of the good ones, the error of each other one."""
     protocol, path = open_protocol(uri, storage_options)
 
-    def checked(name: str) -> bytes:
+    def checked(name: str) -> ReadBytes:
         expected = manifest.files[name]
         try:
-            data = _read_member(protocol, uri, path, name, expected.size)
+            data, digest = _read_with_digest(protocol, uri, path, name, expected)
         except FileNotFoundError as err:
             raise CheckpointFormatError(f"Checkpoint {uri} is damaged: {name} is missing") from err
         if len(data) > expected.size:
             raise CheckpointFormatError(
                 f"Checkpoint {uri} is damaged: {name} is larger than the {expected.size} bytes the manifest lists"
             )
-        check_file(uri, name, expected, len(data), sha256_hex(data))
+        check_file(uri, name, expected, len(data), digest)
         return data
 
-    def read(name: str) -> bytes | CheckpointFormatError:
+    def read(name: str) -> ReadBytes | CheckpointFormatError:
         try:
             return checked(name)
         except CheckpointFormatError as err:
@@ -125,7 +129,7 @@ def _read_each(
     # Files are read and hashed concurrently: both release the GIL, and object stores serve requests in parallel.
     with ThreadPoolExecutor(max_workers=max(1, min(len(names), 4)), thread_name_prefix="lora-ckpt-read") as pool:
         results = dict(zip(names, pool.map(read, names), strict=True))
-    files = {name: r for name, r in results.items() if isinstance(r, bytes)}
+    files = {name: r for name, r in results.items() if isinstance(r, (bytes, memoryview))}
     return files, {name: r for name, r in results.items() if isinstance(r, CheckpointFormatError)}
 
 
@@ -136,7 +140,7 @@ def read_checkpoint(
     *,
     deadline_s: float | None = None,
     max_attempts: int | None = None,
-) -> tuple[Manifest, dict[str, bytes]]:
+) -> tuple[Manifest, dict[str, ReadBytes]]:
     """Read the manifest and files of the checkpoint at ``uri`` consistently: all of one committed version.
 
     If a file is missing or differs from the manifest, the manifest is read again: the same commit still
@@ -163,7 +167,7 @@ def read_checkpoint(
     """
     choose = names or (lambda manifest: list(manifest.files))
 
-    def attempt(manifest: Manifest) -> tuple[dict[str, bytes], CheckpointFormatError | None]:
+    def attempt(manifest: Manifest) -> tuple[dict[str, ReadBytes], CheckpointFormatError | None]:
         try:
             return read_files(uri, manifest, choose(manifest), storage_options), None
         except CheckpointFormatError as err:
@@ -265,29 +269,41 @@ def _manifest_after_damage(uri: str, storage_options: Mapping[str, Any] | None, 
         budget.seconds -= time.monotonic() - started
 
 
+def _read_with_digest(
+    protocol: CommitProtocol, uri: str, path: str, name: str, expected: FileEntry
+) -> tuple[ReadBytes, str]:
+    """At most one byte more than listed of file ``name``, and its digest by the entry's algorithm; a local file
+    is hashed while it is read, into a writable buffer its tensors are decoded from without a copy."""
+    if isinstance(protocol.fs, LocalFileSystem):
+        protocol.check_member(uri, path, name)
+        return read_with_digest(join(path, name), expected.size, expected.algorithm)
+    data = _read_member(protocol, uri, path, name, expected.size)
+    return data, digest_hex(data, expected.algorithm)
+
+
 def _read_member(protocol: CommitProtocol, uri: str, path: str, name: str, limit: int) -> bytes:
     """At most ``limit + 1`` bytes of file ``name`` of a checkpoint."""
     protocol.check_member(uri, path, name)
     return protocol.fs.cat_file(join(path, name), start=0, end=limit + 1)
 
 
-def check_file(uri: str, name: str, expected: FileEntry, size: int, sha256: str) -> None:
-    """Raise ``CheckpointFormatError`` if a file's size or sha256 differs from its manifest entry.
+def check_file(uri: str, name: str, expected: FileEntry, size: int, digest: str) -> None:
+    """Raise ``CheckpointFormatError`` if a file's size or digest differs from its manifest entry.
 
     Args:
         uri: the checkpoint's URI, for the message.
         name: the file's name.
         expected: its manifest entry.
         size: its actual size in bytes.
-        sha256: its actual sha256.
+        digest: its actual digest, by the entry's algorithm.
 
     Raises:
         CheckpointFormatError: naming the checkpoint, the file and both sizes and digests.
     """
-    if size != expected.size or sha256 != expected.sha256:
+    if size != expected.size or digest != expected.digest:
         raise CheckpointFormatError(
-            f"Checkpoint {uri} is damaged: {name} has {size} bytes and sha256 {sha256[:12]}, "
-            f"the manifest says {expected.size} bytes and {expected.sha256[:12]}"
+            f"Checkpoint {uri} is damaged: {name} has {size} bytes and {expected.algorithm} {digest[:12]}, "
+            f"the manifest says {expected.size} bytes and {expected.digest[:12]}"
         )
 
 
@@ -320,7 +336,7 @@ def verify_checkpoint(
             deleted or kept being replaced while it was verified.
     """
 
-    def attempt(manifest: Manifest) -> tuple[tuple[list[str], dict[str, bytes]], CheckpointFormatError | None]:
+    def attempt(manifest: Manifest) -> tuple[tuple[list[str], dict[str, ReadBytes]], CheckpointFormatError | None]:
         files, damage = _read_each(uri, manifest, list(manifest.files), storage_options)
         errors = [damage[name] for name in manifest.files if name in damage]
         return ([str(err) for err in errors], files), (errors[0] if errors else None)

@@ -153,7 +153,7 @@ def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console)
         "epoch": manifest.epoch,
         "base_model_fingerprint": manifest.base_model.fingerprint,
         "content_sha256": manifest.content_sha256,
-        "files": {n: {"size": f.size, "sha256": f.sha256} for n, f in manifest.files.items()},
+        "files": {n: f.to_json() for n, f in manifest.files.items()},
         "versions": manifest.versions,
     }
     if args.json:
