@@ -22,6 +22,8 @@ _EXPORTS = {
     "VLLMHotload": "lightning.vllm_hotload",
     "VLLMServerError": "modeling.vllm_client",
     "Checkpoint": "format.records",
+    "convert_layout": "tools.convert",
+    "Converted": "tools.convert",
     "CheckpointConflictError": "storage.fs",
     "CheckpointFormatError": "format.strict_json",
     "CheckpointStore": "storage.store",
@@ -59,6 +61,7 @@ __all__ = [
     "CheckpointStore",
     "CheckpointTTL",
     "CheckpointWriteError",
+    "Converted",
     "DeploymentSampler",
     "HubPublishError",
     "HubPublisher",
@@ -87,6 +90,7 @@ __all__ = [
     "VLLMServerError",
     "__version__",
     "check_servable",
+    "convert_layout",
     "extract_archive",
     "hotload",
     "load_base_model",
@@ -119,6 +123,7 @@ if TYPE_CHECKING:
     from .storage.fs import CheckpointConflictError, CheckpointWriteError
     from .storage.hub import HubPublishError, push_to_hub
     from .storage.store import CheckpointStore
+    from .tools.convert import Converted, convert_layout
     from .tools.export import merge_adapter
 
 

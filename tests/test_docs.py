@@ -93,6 +93,12 @@ from helpers.doc_snippets import seed_checkpoints as _seed
 _seed("checkpoints", "exp1", sampler=["final"])
 del _seed
 """,
+    "layouts.md": """
+from helpers.doc_snippets import seed_checkpoints as _seed
+
+_seed("checkpoints", "run", sampler=["final"])
+del _seed
+""",
     "qlora.md": """
 import lightning as L
 

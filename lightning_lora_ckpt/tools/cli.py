@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -15,6 +16,7 @@ from ..storage.fs import CheckpointWriteError
 from ..storage.store import DELETE_GRACE, INCOMPLETE_AFTER, CheckpointStore
 from .commands import (
     cmd_archive,
+    cmd_convert,
     cmd_delete,
     cmd_download,
     cmd_extract,
@@ -220,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file, e.g. 500MB (default 2GB)")
     p.add_argument("--base-model", default=None, help="fold into this base (same config) instead of the manifest's")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p = add(
+        "convert",
+        cmd_convert,
+        "write a checkpoint's adapter stacked over layers (MaxText's scan layout) or back as a PEFT directory",
+        "uri",
+        "output_dir",
+    )
+    p.add_argument("--layout", required=True, choices=("stacked", "unstacked"))
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     add("verify", cmd_verify, "check every file against the manifest's size and sha256 (exit 2 if damaged)", "uri")
     return parser
 
@@ -242,6 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Raises:
         SystemExit: from argparse, for ``--help`` or a bad command line.
     """
+    # bitsandbytes warns on import, through logging's last-resort handler, that an optional CPU kernel package
+    # is missing: noise on every command that imports PEFT, not a problem of the command.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     words = list(sys.argv[1:] if argv is None else argv)
     if words and words[0] in TRAINING_COMMANDS:
         run_lightning_cli(argv)

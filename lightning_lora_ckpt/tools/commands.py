@@ -7,6 +7,7 @@ Each takes the store, the parsed arguments and a rich console, prints for people
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -383,8 +384,6 @@ def cmd_sample(store: CheckpointStore, args: argparse.Namespace, console: Consol
         CheckpointFormatError: the checkpoint is missing, damaged or malformed.
         ValueError: an empty prompt or ``--num-samples`` below 1.
     """
-    import dataclasses
-
     from ..modeling.sampling import SamplingClient, SamplingParams  # imports torch: only when sampling
 
     client = SamplingClient.from_checkpoint(store.resolve(args.uri), storage_options=store.storage_options)
@@ -423,6 +422,27 @@ def cmd_merge(store: CheckpointStore, args: argparse.Namespace, console: Console
             progress=progress,
         )
     return _say(args, console, None, f"merged {uri} into {path}", path=path)
+
+
+def cmd_convert(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``convert``: a checkpoint's adapter stacked over layers (MaxText's scan layout) or as a PEFT directory.
+
+    Raises:
+        CheckpointFormatError: the source is missing, damaged or malformed.
+        ValueError: the layers cannot be stacked (the message names the key).
+        FileExistsError: the output directory is not empty and ``--overwrite`` is not given.
+    """
+    from .convert import convert_layout  # imports torch: only when converting
+
+    done = convert_layout(
+        store.resolve(args.uri),
+        args.output_dir,
+        args.layout,
+        overwrite=args.overwrite,
+        storage_options=store.storage_options,
+    )
+    message = f"wrote {done.layout} adapter of {done.source.get('uri')} to {done.path}"
+    return _say(args, console, None, message, **dataclasses.asdict(done))
 
 
 def _say(args: argparse.Namespace, console: Console, checkpoint: Checkpoint | None, message: str, **extra: Any) -> Any:

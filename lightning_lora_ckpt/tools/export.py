@@ -392,7 +392,17 @@ def _save_metadata(
     tokenizer.save_pretrained(directory)
 
 
-def _prepare_output(output_dir: str, overwrite: bool) -> None:
+def prepare_output(output_dir: str, overwrite: bool) -> None:
+    """Check that a local output directory may be written, and create its parent.
+
+    Args:
+        output_dir: the absolute path of the output directory.
+        overwrite: whether a non-empty directory may be replaced.
+
+    Raises:
+        NotADirectoryError: ``output_dir`` exists and is not a directory.
+        FileExistsError: it is not empty and ``overwrite`` is False.
+    """
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise NotADirectoryError(f"Output {output_dir} exists and is not a directory")
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
@@ -455,7 +465,7 @@ def merge_adapter(
         )
     _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
     output_dir = os.path.abspath(os.fspath(output_dir))
-    _prepare_output(output_dir, overwrite)
+    prepare_output(output_dir, overwrite)
     opened = open_checkpoint(uri, root, storage_options)
     uri, manifest, adapter_config = opened.uri, opened.manifest, opened.adapter_config
     deltas = lora_deltas(opened.adapter, adapter_config, uri)
