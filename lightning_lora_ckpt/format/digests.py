@@ -26,6 +26,17 @@ DEFAULT_ALGORITHM: Algorithm = "blake3"
 #: Both digests are 256 bits, written as 64 lowercase hex digits.
 HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 8 << 20
+_max_threads = blake3.blake3.AUTO
+
+
+def _hash_on_one_thread() -> None:
+    # BLAKE3's worker threads (a global pool) do not survive fork: a forked child that used them would wait for
+    # threads it does not have, forever.
+    global _max_threads
+    _max_threads = 1
+
+
+os.register_at_fork(after_in_child=_hash_on_one_thread)
 
 
 def new_hasher(algorithm: Algorithm = DEFAULT_ALGORITHM) -> Any:
@@ -41,7 +52,7 @@ def new_hasher(algorithm: Algorithm = DEFAULT_ALGORITHM) -> Any:
         ValueError: an unknown algorithm.
     """
     if algorithm == "blake3":
-        return blake3.blake3(max_threads=blake3.blake3.AUTO)
+        return blake3.blake3(max_threads=_max_threads)
     if algorithm == "sha256":
         return hashlib.sha256()
     raise ValueError(f"unknown digest algorithm {algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
