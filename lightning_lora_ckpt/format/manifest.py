@@ -147,20 +147,26 @@ class Manifest:
         """Total size of the listed files (the manifest itself not included)."""
         return sum(f.size for f in self.files.values())
 
-    def to_json(self) -> bytes:
-        """The ``checkpoint.json`` document.
+    def to_dict(self) -> dict[str, Any]:
+        """The ``checkpoint.json`` object (what :meth:`from_dict` reads back).
 
         Returns:
-            UTF-8 JSON with ``format`` and ``format_version`` first and times as ISO-8601 UTC.
+            A JSON-ready dict with ``format`` and ``format_version`` first and times as ISO-8601 UTC.
         """
         data = dataclasses.asdict(self)
         data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
         data["deleted_at"] = iso_time(self.deleted_at) if self.deleted_at else None
-        return json.dumps(
-            {"format": FORMAT, "format_version": FORMAT_VERSION, **data}, indent=2, allow_nan=False
-        ).encode()
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **data}
+
+    def to_json(self) -> bytes:
+        """The ``checkpoint.json`` document.
+
+        Returns:
+            UTF-8 JSON of :meth:`to_dict`.
+        """
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, source: str) -> Manifest:
@@ -178,11 +184,26 @@ class Manifest:
                 format version, has unknown or missing keys or a value of the wrong type, or lists other files
                 than its checkpoint type holds.
         """
+        return cls.from_dict(load_json_object(raw, MAX_MANIFEST_BYTES, f"Invalid checkpoint manifest {source}"), source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str) -> Manifest:
+        """Validate a manifest already parsed from strict JSON (:meth:`from_json`, or a run's listing index).
+
+        Args:
+            data: the parsed ``checkpoint.json`` object.
+            source: where it came from, for error messages.
+
+        Returns:
+            The manifest.
+
+        Raises:
+            CheckpointFormatError: as :meth:`from_json`, for everything but the JSON syntax.
+        """
 
         def bad(why: str) -> CheckpointFormatError:
             return CheckpointFormatError(f"Invalid checkpoint manifest {source}: {why}")
 
-        data = load_json_object(raw, MAX_MANIFEST_BYTES, f"Invalid checkpoint manifest {source}")
         if data.get("format") != FORMAT:
             raise bad(f"'format' is not {FORMAT!r}")
         if data.get("format_version") != FORMAT_VERSION:
