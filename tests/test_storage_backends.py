@@ -110,8 +110,8 @@ class TestGCS(CrossProcessContract):
 
         download = protocol._download
 
-        async def headerless(path: str, generation: str | None) -> tuple[Mapping[str, str], bytes]:
-            return {}, (await download(path, generation))[1]
+        async def headerless(path: str, generation: str | None, limit: int) -> tuple[Mapping[str, str], bytes]:
+            return {}, (await download(path, generation, limit))[1]
 
         monkeypatch.setattr(protocol, "_download", headerless)
         assert protocol.read_manifest(uri, folder) == (big[: MAX_MANIFEST_BYTES + 1], generation)

@@ -22,8 +22,7 @@ from urllib.parse import quote
 
 from fsspec.asyn import sync
 
-from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.manifest import Manifest
 from .object_store import ManifestLastCommit
 
 #: HTTP status of a ranged read of an empty object (a damaged, empty manifest).
@@ -42,39 +41,39 @@ class GCSManifestLastCommit(ManifestLastCommit):
     #: GCS requires), smaller ones in one multipart request; gcsfs's own threshold.
     resumable_chunk: int = 50 * 2**20
 
-    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
-        """The manifest's bytes and generation, which belong together: one GET returns the bytes and, in its
+    def read_document(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        """The document's bytes and generation, which belong together: one GET returns the bytes and, in its
         ``X-Goog-Generation`` header (which google-cloud-storage's ``Blob`` downloads read too), their generation.
 
         Args:
-            uri: the checkpoint's URI (unused: nothing to check on GCS).
-            path: the checkpoint folder.
+            path: the object.
+            limit: the most bytes a valid one has.
 
         Returns:
-            The bytes (at most ``MAX_MANIFEST_BYTES + 1``) and the generation, or None without a manifest.
+            Its first ``limit + 1`` bytes and its generation, or None if there is no such object.
         """
         try:
-            return sync(self.fs.loop, self._get, join(path, MANIFEST))
+            return sync(self.fs.loop, self._get, path, limit)
         except FileNotFoundError:
             return None
 
-    async def _get(self, path: str) -> tuple[bytes, str]:
-        """The first ``MAX_MANIFEST_BYTES + 1`` bytes of the object at ``path`` and their generation."""
+    async def _get(self, path: str, limit: int) -> tuple[bytes, str]:
+        """The first ``limit + 1`` bytes of the object at ``path`` and their generation."""
         for _ in range(_READ_ATTEMPTS):
-            headers, body = await self._download(path, None)
+            headers, body = await self._download(path, None, limit)
             generation = headers.get("X-Goog-Generation")
             if generation is not None:
                 return body, str(generation)
             # No generation header (not GCS's own server): read the generation, then the bytes of exactly it.
             generation = (await self._metadata(path))["generation"]
             try:
-                return (await self._download(path, generation))[1], str(generation)
+                return (await self._download(path, generation, limit))[1], str(generation)
             except FileNotFoundError:
                 continue  # replaced in between: that generation is gone
         raise OSError(f"{path} kept being replaced while it was read")
 
-    async def _download(self, path: str, generation: str | None) -> tuple[Mapping[str, str], bytes]:
-        """Headers and the first ``MAX_MANIFEST_BYTES + 1`` bytes of a download of ``path`` (of ``generation``)."""
+    async def _download(self, path: str, generation: str | None, limit: int) -> tuple[Mapping[str, str], bytes]:
+        """Headers and the first ``limit + 1`` bytes of a download of ``path`` (of ``generation``)."""
         bucket, key, _ = self.fs.split_path(path)
         url = f"{self.fs._location}/download/storage/v1/b/{{}}/o/{{}}"
         try:
@@ -85,7 +84,7 @@ class GCSManifestLastCommit(ManifestLastCommit):
                 key,
                 alt="media",
                 generation=generation,
-                headers={"Range": f"bytes=0-{MAX_MANIFEST_BYTES}"},
+                headers={"Range": f"bytes=0-{limit}"},
             )
         except Exception as err:  # gcsfs's HttpError
             if getattr(err, "code", None) != _RANGE_NOT_SATISFIABLE:
@@ -97,19 +96,20 @@ class GCSManifestLastCommit(ManifestLastCommit):
         bucket, key, _ = self.fs.split_path(path)
         return await self.fs._call("GET", "b/{}/o/{}", bucket, key, json_out=True)
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
-        """Upload the new manifest with ``ifGenerationMatch=version``.
+    def write_document(self, path: str, data: bytes, version: str | None, limit: int) -> bool:
+        """One upload with ``ifGenerationMatch=version`` (``0``: only if absent).
 
         Args:
-            path: the checkpoint folder.
-            manifest: the new manifest (same files, new metadata).
-            version: the generation of the manifest it was made from.
+            path: the object.
+            data: its new bytes.
+            version: the generation read, or None to create it.
+            limit: unused (generations are the versions).
 
         Returns:
-            Whether it was replaced (False: it changed or was deleted since it was read).
+            Whether it was written (False: it changed, appeared or was deleted since it was read).
         """
         try:
-            self._put(join(path, MANIFEST), manifest.to_json(), if_generation=version)
+            self._put(path, data, if_generation=version or "0")
         except (FileExistsError, FileNotFoundError):  # 412: another generation, or none, is there now
             return False
         return True
@@ -128,18 +128,6 @@ class GCSManifestLastCommit(ManifestLastCommit):
         finally:
             self.fs.invalidate_cache(manifest)
         return True
-
-    def write_if_absent(self, path: str, data: bytes) -> None:
-        """Create the document with ``ifGenerationMatch=0``: of racing writers, the first one's stays.
-
-        Args:
-            path: the document's path.
-            data: its bytes.
-        """
-        try:
-            self._put(path, data, if_generation="0")
-        except FileExistsError:
-            return
 
     def _upload(self, path: str, data: bytes, manifest: Manifest, create: bool = False) -> Hashable:
         """One upload; ``create``: ``ifGenerationMatch=0``, ``FileExistsError`` if the object exists.

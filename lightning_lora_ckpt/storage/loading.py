@@ -13,7 +13,7 @@ from typing import Any
 
 from ..format.files import ReadBytes
 from ..format.layout import resolve
-from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseModelRef, Manifest
+from ..format.manifest import STATE_FILES, BaseModelRef, Manifest
 from ..format.payload import CheckpointPayload
 from ..format.strict_json import CheckpointFormatError, iso_time
 from .read import read_checkpoint
@@ -38,12 +38,12 @@ class OpenedCheckpoint:
 
     @property
     def adapter(self) -> dict[str, Any]:
-        """The adapter tensors under PEFT's key names."""
+        """The adapter tensors under PEFT's key names (a full-parameter checkpoint: every weight of its model)."""
         return self.payload.adapter
 
     @property
     def adapter_config(self) -> dict[str, Any]:
-        """The adapter's PEFT config (``adapter_config.json``)."""
+        """The adapter's PEFT config (``adapter_config.json``; ``{}`` for a full-parameter checkpoint)."""
         return self.payload.adapter_config
 
 
@@ -89,7 +89,7 @@ def open_checkpoint(
             raise ValueError(f"{resolved} is a sampler checkpoint; the training state needs a training checkpoint")
         if base_model is not None:
             manifest.base_model.check_compatible(base_model, resolved)
-        return list(manifest.files) if with_state is not False else [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        return [n for n in manifest.files if with_state is not False or n not in STATE_FILES]
 
     manifest, files = read_checkpoint(resolved, names, storage_options, deadline_s=deadline_s)
     return OpenedCheckpoint(resolved, manifest, files, CheckpointPayload.from_files(manifest, files, resolved))

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import re
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,32 +97,46 @@ class LocalRenameCommit(CommitProtocol):
             raise
         return manifest
 
-    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
-        """See :meth:`CommitProtocol.read_manifest`; the version is the sha256 of the bytes.
+    def read_document(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        """See :meth:`CommitProtocol.read_document`; the version is the sha256 of the bytes.
 
         Args:
-            uri: the checkpoint's URI, for error messages.
-            path: the local checkpoint directory.
+            path: the local file.
+            limit: the most bytes a valid one has.
 
         Returns:
-            The bytes and their sha256, or None without a manifest.
+            Its first ``limit + 1`` bytes and their sha256, or None if there is no such file.
 
         Raises:
-            CheckpointFormatError: the manifest is a link out of the directory or not a regular file.
+            CheckpointFormatError: it is not a regular file (a FIFO, a device or a directory).
         """
-        self.check_member(uri, path, MANIFEST)
         try:
-            with open(os.path.join(path, MANIFEST), "rb") as f:
-                raw = f.read(MAX_MANIFEST_BYTES + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
         except (FileNotFoundError, NotADirectoryError):
             return None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CheckpointFormatError(f"{path} is not a regular file; refusing to read it")
+            raw = f.read(limit + 1)
         return raw, digest_hex(raw, "sha256")
 
+    def write_document(self, path: str, data: bytes, version: str | None, limit: int) -> bool:
+        return self._swap(os.path.dirname(path), path, data, version, limit)
+
     def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
-        with _locked(os.path.dirname(path)):
-            if self._version(path) != version:
+        manifest_path = os.path.join(path, MANIFEST)
+        return self._swap(os.path.dirname(path), manifest_path, manifest.to_json(), version, MAX_MANIFEST_BYTES)
+
+    def _swap(self, lock: str, path: str, data: bytes, version: str | None, limit: int) -> bool:
+        """Replace the file at ``path`` (fsynced, renamed into place) if it is at ``version``, holding ``lock``'s
+        lock (a checkpoint's manifest: its kind folder, which commits and deletions hold too)."""
+        with _locked(lock):
+            current = self.read_document(path, limit)
+            if (current[1] if current else None) != version:
                 return False
-            replace_file(os.path.join(path, MANIFEST), manifest.to_json())
+            replace_file(path, data)
+            if current is None:
+                fsync_path(os.path.dirname(path))  # a new entry survives a crash with what it describes
         return True
 
     def delete(self, path: str, version: str | None) -> bool:
@@ -142,12 +157,6 @@ class LocalRenameCommit(CommitProtocol):
     def _version(self, path: str) -> str | None:
         current = self.read_manifest(path, path)
         return current[1] if current else None
-
-    def write_if_absent(self, path: str, data: bytes) -> None:
-        if os.path.exists(path):
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        replace_file(path, data)  # a process killed mid-write must not leave a truncated file
 
     def remove_leftover(self, unit: str, members: list[str]) -> None:
         """Rename the temporary entry away, then delete it: a save committing it at that moment either wins

@@ -20,7 +20,7 @@ from collections.abc import Hashable, Mapping
 from ..format.digests import DEFAULT_ALGORITHM, digest_hex
 from ..format.files import FileContent
 from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
+from ..format.manifest import MANIFEST, FileEntry, Manifest
 from .fs import CheckpointWriteError, storage_errors
 from .listing import modified_time
 from .protocol import CommitProtocol, MakeManifest, refuse_to_replace, saved_concurrently
@@ -162,19 +162,29 @@ class ManifestLastCommit(CommitProtocol):
                 return
         raise saved_concurrently(uri)
 
-    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
+    def read_document(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        """See :meth:`CommitProtocol.read_document`; the version is the sha256 of the bytes (the generic store has
+        no object versions; S3 and GCS use theirs).
+
+        Args:
+            path: the object.
+            limit: the most bytes a valid one has.
+
+        Returns:
+            Its first ``limit + 1`` bytes and their sha256, or None if there is no such object.
+        """
         try:
-            raw = self.fs.cat_file(join(path, MANIFEST), start=0, end=MAX_MANIFEST_BYTES + 1)
+            raw = self.fs.cat_file(path, start=0, end=limit + 1)
         except FileNotFoundError:
             return None
         return raw, digest_hex(raw, "sha256")
 
-    def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
+    def write_document(self, path: str, data: bytes, version: str | None, limit: int) -> bool:
         with self._lock:
-            current = self.read_manifest(path, path)
-            if current is None or current[1] != version:
+            current = self.read_document(path, limit)
+            if (current[1] if current else None) != version:
                 return False
-            self._upload(join(path, MANIFEST), manifest.to_json(), manifest)
+            self.fs.pipe_file(path, data)
         return True
 
     def delete(self, path: str, version: str | None) -> bool:
@@ -207,11 +217,6 @@ class ManifestLastCommit(CommitProtocol):
         self.fs.invalidate_cache(path)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
-
-    def write_if_absent(self, path: str, data: bytes) -> None:
-        if not self.fs.exists(path):
-            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-            self.fs.pipe_file(path, data)
 
     def remove_leftover(self, unit: str, members: list[str]) -> None:
         """Exactly the old objects that were listed (a save restarting in that folder keeps its new ones).

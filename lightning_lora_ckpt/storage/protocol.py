@@ -17,7 +17,7 @@ import fsspec
 
 from ..format.files import FileContent
 from ..format.layout import join
-from ..format.manifest import MANIFEST, FileEntry, Manifest
+from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
 from ..format.strict_json import CheckpointFormatError
 from .fs import CheckpointConflictError
 
@@ -64,7 +64,6 @@ class CommitProtocol(abc.ABC):
             CheckpointWriteError: the storage kept failing.
         """
 
-    @abc.abstractmethod
     def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
         """The manifest's bytes (at most ``MAX_MANIFEST_BYTES + 1``) and its version, or None if it has none.
 
@@ -81,8 +80,9 @@ class CommitProtocol(abc.ABC):
         Raises:
             CheckpointFormatError: the manifest is unsafe to read (a link out of the directory, a FIFO).
         """
+        self.check_member(uri, path, MANIFEST)
+        return self.read_document(join(path, MANIFEST), MAX_MANIFEST_BYTES)
 
-    @abc.abstractmethod
     def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         """Replace the manifest of a committed checkpoint (its mutable metadata), if it is still at ``version``.
 
@@ -98,6 +98,7 @@ class CommitProtocol(abc.ABC):
         Returns:
             Whether it was replaced; False if the manifest changed or vanished since it was read.
         """
+        return self.write_document(join(path, MANIFEST), manifest.to_json(), version, MAX_MANIFEST_BYTES)
 
     @abc.abstractmethod
     def delete(self, path: str, version: str | None) -> bool:
@@ -113,13 +114,43 @@ class CommitProtocol(abc.ABC):
         """
 
     @abc.abstractmethod
+    def read_document(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        """A small document's bytes (at most ``limit + 1``) and its version, or None if there is none.
+
+        Args:
+            path: the document's path.
+            limit: the most bytes a valid one has (one more is read, so that a larger one is recognised).
+
+        Returns:
+            The bytes and the version (what :meth:`write_document` compares against), or None.
+
+        Raises:
+            CheckpointFormatError: the document is unsafe to read (locally: a link or not a regular file).
+        """
+
+    @abc.abstractmethod
+    def write_document(self, path: str, data: bytes, version: str | None, limit: int) -> bool:
+        """Write a small document if it is still at ``version`` (None: only if there is none): compare-and-swap.
+
+        Args:
+            path: the document's path.
+            data: its new bytes.
+            version: the version :meth:`read_document` returned, or None to create it.
+            limit: the ``limit`` that read was given (where the version is a digest of the bytes read).
+
+        Returns:
+            Whether it was written; False if another writer changed, created or deleted it since.
+        """
+
     def write_if_absent(self, path: str, data: bytes) -> None:
-        """Write a small document (``run.json``) unless one already exists there.
+        """Write a small document (``run.json``) unless one already exists there: of racing writers, the first
+        one's stays.
 
         Args:
             path: the document's path.
             data: its bytes.
         """
+        self.write_document(path, data, None, len(data))
 
     @abc.abstractmethod
     def remove_leftover(self, unit: str, members: list[str]) -> None:

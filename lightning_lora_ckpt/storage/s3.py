@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from fsspec.asyn import sync
 
 from ..format.layout import join
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.manifest import MANIFEST, Manifest
 from ..format.ttl import TTL_TAG, lifecycle_tag
 from .object_store import ManifestLastCommit
 
@@ -26,33 +26,54 @@ _CONDITION_FAILED = {"PreconditionFailed", "ConditionalRequestConflict", "NoSuch
 class S3ManifestLastCommit(ManifestLastCommit):
     """S3: conditional manifest writes and deletes on the server, ETag checks of a save's objects, TTL tags."""
 
-    def read_manifest(self, uri: str, path: str) -> tuple[bytes, str] | None:
-        """The manifest's bytes and ETag from one GET (so they belong together).
+    def read_document(self, path: str, limit: int) -> tuple[bytes, str] | None:
+        """The document's bytes and ETag from one GET (so they belong together).
 
         Args:
-            uri: the checkpoint's URI (unused: nothing to check on S3).
-            path: the checkpoint folder.
+            path: the object.
+            limit: the most bytes a valid one has.
 
         Returns:
-            The bytes (at most ``MAX_MANIFEST_BYTES + 1``) and the ETag, or None without a manifest.
+            Its first ``limit + 1`` bytes and its ETag, or None if there is no such object.
         """
         try:
-            return sync(self.fs.loop, self._get, join(path, MANIFEST))
+            return sync(self.fs.loop, self._get, path, limit)
         except FileNotFoundError:
             return None
 
-    async def _get(self, path: str) -> tuple[bytes, str]:
+    async def _get(self, path: str, limit: int) -> tuple[bytes, str]:
         bucket, key, _ = self.fs.split_path(path)
         try:
-            response = await self.fs._call_s3(
-                "get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{MAX_MANIFEST_BYTES}"
-            )
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes=0-{limit}")
         except OSError as err:
             if _code(err) != "InvalidRange":
                 raise
             response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)  # an empty object
         async with response["Body"] as body:
             return await body.read(), response["ETag"]
+
+    def write_document(self, path: str, data: bytes, version: str | None, limit: int) -> bool:
+        """One PUT with ``If-Match: version`` (``If-None-Match: *`` to create).
+
+        Args:
+            path: the object.
+            data: its new bytes.
+            version: the ETag read, or None to create it.
+            limit: unused (ETags are the versions).
+
+        Returns:
+            Whether it was written.
+        """
+        condition: dict[str, Any] = {"mode": "create"} if version is None else {"IfMatch": version}
+        try:
+            self.fs.pipe_file(path, data, **condition)
+        except (FileNotFoundError, FileExistsError, OSError) as err:
+            if isinstance(err, (FileNotFoundError, FileExistsError)) or _code(err) in _CONDITION_FAILED:
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
 
     def replace_manifest(self, path: str, manifest: Manifest, version: str, previous: Manifest | None = None) -> bool:
         """Re-tag every object first, so a lifecycle rule never sees a tag shorter than the new expiry, then
