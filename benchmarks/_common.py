@@ -15,6 +15,7 @@ import statistics
 import threading
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -330,3 +331,27 @@ def moto_s3() -> Iterator[dict[str, Any]]:
         yield {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     finally:
         server.stop()
+
+
+class RequestCounter:
+    """Counts the HTTP requests an s3fs client sends, by S3 operation (botocore's before-send event)."""
+
+    def __init__(self, fs: Any) -> None:
+        """Args: fs: an ``s3fs.S3FileSystem``."""
+        self.by_operation: Counter[str] = Counter()
+        fs.s3.meta.events.register("before-send.s3", self._count)
+
+    def _count(self, event_name: str = "", **kwargs: Any) -> None:
+        self.by_operation[event_name.rsplit(".", 1)[-1]] += 1
+
+    @property
+    def total(self) -> int:
+        """Requests counted so far."""
+        return sum(self.by_operation.values())
+
+    def measure(self, fn: Any) -> tuple[float, Any, dict[str, Any]]:
+        """Seconds, result, and requests (total and by operation) of one call."""
+        before = self.by_operation.copy()
+        seconds, result = elapsed(fn)
+        delta = self.by_operation - before
+        return seconds, result, {"requests": sum(delta.values()), "by_operation": dict(sorted(delta.items()))}

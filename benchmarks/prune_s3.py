@@ -14,13 +14,11 @@ import argparse
 import json
 import sys
 import time
-from collections import Counter
 from datetime import timedelta
 from typing import Any
 
-import s3fs
 import torch
-from _common import BUCKET, elapsed, moto_s3, quiet
+from _common import BUCKET, RequestCounter, moto_s3, quiet
 
 from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 from lightning_lora_ckpt.format.strict_json import utcnow
@@ -38,24 +36,6 @@ def fake_checkpoint(step: int, training: bool) -> dict[str, Any]:
     if training:
         checkpoint["optimizer_states"] = [{"state": {0: {"exp_avg": weight.clone()}}, "param_groups": []}]
     return checkpoint
-
-
-class RequestCounter:
-    """Counts the HTTP requests an s3fs client sends, by S3 operation (botocore's before-send event)."""
-
-    def __init__(self, fs: s3fs.S3FileSystem) -> None:
-        self.by_operation: Counter[str] = Counter()
-        fs.s3.meta.events.register("before-send.s3", self._count)
-
-    def _count(self, event_name: str = "", **kwargs: Any) -> None:
-        self.by_operation[event_name.rsplit(".", 1)[-1]] += 1
-
-    def measure(self, fn: Any) -> tuple[float, Any, dict[str, Any]]:
-        """Seconds, result, and requests (total and by operation) of one call."""
-        before = self.by_operation.copy()
-        seconds, result = elapsed(fn)
-        delta = self.by_operation - before
-        return seconds, result, {"requests": sum(delta.values()), "by_operation": dict(sorted(delta.items()))}
 
 
 def main() -> None:

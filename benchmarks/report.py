@@ -188,4 +188,18 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines += [f"| {name} | {value:.4f} |" for name, value in result["comparisons"].items()]
     lines += scale_markdown("8B shape (benchmarks/scale.py)", result["scale"])
     lines += scale_markdown("8B shape on the GPU (state on CUDA, saves only)", result["gpu"])
+    lines += list_markdown(result.get("s3_list", {"skipped": NOT_MEASURED}))
     return "\n".join(lines) + "\n"
+
+
+def list_markdown(group: dict[str, Any]) -> list[str]:
+    """The S3 listing group (benchmarks/s3_list.py): requests and seconds of each call on one big run."""
+    title = "## Listing one run on S3 (benchmarks/s3_list.py, moto on loopback)"
+    if "skipped" in group:
+        return ["", title, "", f"Skipped: {group['skipped']}."]
+    lines = ["", title, "", f"One run of {group['checkpoints']:,} checkpoints.", ""]
+    lines += ["| call | requests | seconds | by operation |", "|---|---:|---:|---|"]
+    for key, row in group["rows"].items():
+        operations = ", ".join(f"{op} {n}" for op, n in row["by_operation"].items())
+        lines.append(f"| {key} | {row['requests']:,} | {row['seconds']:.3f} | {operations} |")
+    return lines

@@ -19,7 +19,7 @@ from typing import Any
 
 import s3fs
 import torch
-from _common import BUCKET, moto_s3, quiet, timed
+from _common import BUCKET, RequestCounter, moto_s3, quiet, timed
 
 from lightning_lora_ckpt import CheckpointStore, LoRACheckpointIO
 
@@ -34,17 +34,6 @@ def fake_checkpoint(step: int, training: bool, numel: int = 64) -> dict[str, Any
     if training:
         checkpoint["optimizer_states"] = [{"state": {0: {"exp_avg": weight.clone()}}, "param_groups": []}]
     return checkpoint
-
-
-class RequestCounter:
-    """Counts the HTTP requests an s3fs client sends (botocore's before-send event)."""
-
-    def __init__(self, fs: s3fs.S3FileSystem) -> None:
-        self.count = 0
-        fs.s3.meta.events.register("before-send.s3", self._count)
-
-    def _count(self, **kwargs: Any) -> None:
-        self.count += 1
 
 
 def main() -> None:
@@ -72,13 +61,13 @@ def measure(args: argparse.Namespace, options: dict[str, Any]) -> dict[str, Any]
 
     store = CheckpointStore(root, options)
     counter = RequestCounter(store.fs)
-    before = counter.count
+    before = counter.total
     results["list_checkpoints_seconds"], listed = timed(lambda: store.list_checkpoints("run"), args.repeats)
-    results["list_checkpoints_requests"] = (counter.count - before) // args.repeats
+    results["list_checkpoints_requests"] = (counter.total - before) // args.repeats
     assert len(listed) == args.checkpoints
-    before = counter.count
+    before = counter.total
     results["get_seconds"], _ = timed(lambda: store.get("lora://run/weights/000000"), args.repeats)
-    results["get_requests"] = (counter.count - before) // args.repeats
+    results["get_requests"] = (counter.total - before) // args.repeats
     results["last_checkpoint_seconds"], _ = timed(lambda: store.last_checkpoint("run"), args.repeats)
 
     numel = args.download_mib * (1 << 20) // 4 // 2  # adapter + optimizer moment, float32

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import s3_list
 import scale
 import torch
 from _common import (
@@ -166,8 +167,7 @@ TARGETS = [
         1.0,
         "scale",
     ),
-    # -- listing 10k checkpoints on S3 (group "s3_list"): its benchmark is still to be written; until a run provides
-    # the group (result["s3_list"] = {"rows": ...}), these are recorded as not measured. The rows are placeholders.
+    # -- listing one run of 10k checkpoints on S3 (benchmarks/s3_list.py; skipped with --quick or --no-s3) --
     Target(
         "s3_list_10k_requests",
         "S3: requests to list a run of 10k checkpoints",
@@ -412,6 +412,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows, total, trainable = measure(args)
     gc.collect()  # the small run's model and trainer, before the 8B state is built
     big = {"repeats": args.repeats, "layers": args.scale_layers, "rank": args.scale_rank, "workdir": args.workdir}
+    list_group: dict[str, Any] = {"skipped": "--quick" if args.quick else "--no-s3"}
+    if args.s3 and not args.quick:
+        list_group = s3_list.run(args.list_checkpoints)
     if args.quick:
         scale_group = gpu_group = {"skipped": "--quick"}
     else:
@@ -438,11 +441,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine(args.workdir or tempfile.gettempdir()),
         "rows": rows,
-        # the s3_list group is not measured yet: its targets are recorded as skipped (report.NOT_MEASURED)
-        "targets": evaluate(TARGETS, {"suite": {"rows": rows}, "scale": scale_group}),
+        "targets": evaluate(TARGETS, {"suite": {"rows": rows}, "scale": scale_group, "s3_list": list_group}),
         "comparisons": ratios(COMPARISONS, rows),
         "scale": scale_group,
         "gpu": gpu_group,
+        "s3_list": list_group,
     }
 
 
@@ -455,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="rounds per group; figures are medians")
     parser.add_argument("--no-s3", dest="s3", action="store_false", help="skip the moto S3 group")
     parser.add_argument("--quick", action="store_true", help="the small run only: skip the 8B shape and the GPU group")
+    parser.add_argument("--list-checkpoints", type=int, default=10_000, help="checkpoints in the S3 listing run")
     parser.add_argument("--scale-layers", type=int, default=32, help="decoder layers of the 8B shape (32)")
     parser.add_argument("--scale-rank", type=int, default=64, help="LoRA rank of the 8B shape")
     parser.add_argument("--cache", choices=sorted(scale.CACHE_NOTES), default="warm", help="8B reads: page cache")

@@ -27,6 +27,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     out_json, out_md = tmp / "bench.json", tmp / "bench.md"
     # the whole path, with the 8B shape cut to one layer of rank 4 (the GPU group runs only where CUDA is)
     quick = ["--base-model", "tiny-qwen3", "--repeats", "1", "--scale-layers", "1", "--scale-rank", "4"]
+    quick += ["--list-checkpoints", "25"]
     outputs = ["--json", str(out_json), "--markdown", str(out_md), "--workdir", str(tmp)]
     subprocess.run(
         [sys.executable, str(BENCHMARKS / "suite.py"), *quick, *outputs],
@@ -61,17 +62,14 @@ def test_every_row_is_measured(quick_run: tuple[dict[str, Any], str]) -> None:
 
 def test_targets_and_ratios_follow_from_rows(quick_run: tuple[dict[str, Any], str]) -> None:
     result, _ = quick_run
-    groups = {"suite": result["rows"], "scale": result["scale"]["rows"]}
+    groups = {"suite": result["rows"], "scale": result["scale"]["rows"], "s3_list": result["s3_list"]["rows"]}
     assert [t["name"] for t in result["targets"]] == [t.name for t in suite.TARGETS]
     for target, spec in zip(result["targets"], suite.TARGETS, strict=True):
         assert target["limit"] == spec.limit
-        if spec.group not in groups:  # S3 listing: no benchmark yet
-            assert target["value"] is None and target["pass"] is None
-            assert target["skipped"] == report.NOT_MEASURED
-            continue
         rows = groups[spec.group]
-        (a_row, a_field), (b_row, b_field) = spec.numerator, spec.denominator
-        assert target["value"] == pytest.approx(rows[a_row][a_field] / rows[b_row][b_field])
+        a_row, a_field = spec.numerator
+        denominator = rows[spec.denominator[0]][spec.denominator[1]] if spec.denominator else 1
+        assert target["value"] == pytest.approx(rows[a_row][a_field] / denominator)
         assert target["pass"] == (target["value"] <= target["limit"])
     assert set(result["comparisons"]) == set(suite.COMPARISONS)
     assert set(result["scale"]["comparisons"]) == set(scale.COMPARISONS)
@@ -101,6 +99,17 @@ def test_scale_group_is_measured(quick_run: tuple[dict[str, Any], str]) -> None:
         assert [k for k in result["gpu"]["rows"] if not k.startswith("save.")] == []
     else:
         assert result["gpu"] == {"skipped": "no CUDA"}
+
+
+def test_s3_list_group_is_measured(quick_run: tuple[dict[str, Any], str]) -> None:
+    """The listing group on moto: the scan reads every manifest, the index lists in a handful of requests."""
+    group = quick_run[0]["s3_list"]
+    rows = group["rows"]
+    assert set(rows) == {"list.scan_10k", "reindex_10k", "list.ours_10k", "last_10k", "page_10k", "save_at_10k"}
+    assert rows["list.scan_10k"]["listed"] == rows["list.ours_10k"]["listed"] == group["checkpoints"] == 25
+    assert rows["list.scan_10k"]["by_operation"]["GetObject"] == 25 and rows["reindex_10k"]["previous"] == "missing"
+    assert rows["list.ours_10k"]["requests"] <= 3 and rows["last_10k"]["requests"] <= 4
+    assert "## Listing one run on S3" in quick_run[1]
 
 
 def test_quick_and_unmeasured_groups_are_recorded_as_skipped() -> None:

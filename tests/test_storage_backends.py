@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from index_suite import IndexContract
 from lightning_lora_ckpt.format.manifest import MAX_MANIFEST_BYTES
 from lightning_lora_ckpt.storage.commit import protocol_for
 from lightning_lora_ckpt.storage.fs import url_to_fs
@@ -17,7 +18,7 @@ from lightning_lora_ckpt.storage.gcs import GCSManifestLastCommit
 from storage_suite import CrossProcessContract, StorageContract
 
 
-class TestLocal(CrossProcessContract):
+class TestLocal(CrossProcessContract, IndexContract):
     """A folder on the local disk: a hidden temporary sibling renamed into place."""
 
     name = "local"
@@ -28,7 +29,7 @@ class TestLocal(CrossProcessContract):
         return str(self.tmp_path / "root")
 
 
-class TestMemory(StorageContract):
+class TestMemory(StorageContract, IndexContract):
     """fsspec's memory:// object store: one per process, so only the single-process contract."""
 
     name = "memory"
@@ -38,7 +39,7 @@ class TestMemory(StorageContract):
         return f"memory://{uuid.uuid4().hex}"
 
 
-class TestS3(CrossProcessContract):
+class TestS3(CrossProcessContract, IndexContract):
     """A prefix of a bucket on the loopback moto S3 server (s3fs, conditional manifest PUTs, tags)."""
 
     name = "s3"
@@ -56,7 +57,7 @@ class TestS3(CrossProcessContract):
         return self.server()["storage_options"]
 
 
-class TestGCS(CrossProcessContract):
+class TestGCS(CrossProcessContract, IndexContract):
     """A prefix of a bucket on the loopback fake-gcs-server (gcsfs, generation preconditions)."""
 
     name = "gcs"

@@ -6,6 +6,7 @@ holds the one rule every backend shares: saving over a committed checkpoint need
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -15,11 +16,13 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from ..format.files import FileContent
+from ..format.index_entry import IndexEntry
 from ..format.layout import join
 from ..format.manifest import MANIFEST, Manifest
 from ..format.strict_json import CheckpointFormatError, iso_time, utcnow
 from .fs import CheckpointConflictError, storage_errors, url_to_fs
 from .gcs import GCSManifestLastCommit
+from .index import index_for
 from .local import LocalRenameCommit
 from .object_store import ManifestLastCommit
 from .protocol import CommitProtocol, MakeManifest
@@ -101,7 +104,15 @@ def commit_checkpoint(
             f"A checkpoint already exists at {uri}; delete it first, save under another name, "
             "or pass storage_options={'overwrite': True} to replace it"
         )
-    return protocol.commit(uri, path, files, make_manifest, replace)
+    with _indexed(protocol, path):
+        return protocol.commit(uri, path, files, make_manifest, replace)
+
+
+def _indexed(protocol: CommitProtocol, path: str) -> contextlib.AbstractContextManager[None]:
+    """The listing index's intent-change-settle around a change of the checkpoint at ``path`` (see :mod:`.index`);
+    nothing for a checkpoint folder outside the ``<run>/<kind>/<name>`` layout."""
+    located = index_for(protocol, path)
+    return located[0].change(located[1]) if located is not None else contextlib.nullcontext()
 
 
 @overload
@@ -159,7 +170,7 @@ def update_manifest(
         updated = change(manifest)
         if updated is manifest:
             return manifest
-        with storage_errors("update checkpoint", uri):
+        with storage_errors("update checkpoint", uri), _indexed(protocol, path):
             if protocol.replace_manifest(path, updated, version, previous=manifest):
                 return updated
     raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was updated; try again")
@@ -198,7 +209,9 @@ def delete_checkpoint(
             if reason is not None:
                 log.warning("Not deleting checkpoint %s: %s", uri, reason)
                 return None
-            if protocol.delete(path, version):
+            with _indexed(protocol, path):
+                deleted = protocol.delete(path, version)
+            if deleted:
                 return manifest
     raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was deleted; try again")
 
@@ -211,11 +224,11 @@ def _parsed(uri: str, raw: bytes) -> Manifest | None:
         return None
 
 
-def protected_reason(manifest: Manifest) -> str | None:
+def protected_reason(manifest: Manifest | IndexEntry) -> str | None:
     """Why nothing but an explicit ``delete`` ever removes this checkpoint: it is published or pinned.
 
     Args:
-        manifest: the checkpoint's current manifest.
+        manifest: the checkpoint's current manifest (or its listing entry).
 
     Returns:
         The reason, for a log line, or None.

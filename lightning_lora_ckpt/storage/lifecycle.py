@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
+from ..format.index_entry import IndexEntry
 from ..format.manifest import Manifest
 from ..format.records import Checkpoint
 from ..format.strict_json import iso_time, utcnow
@@ -24,6 +25,7 @@ from ..format.ttl import parse_duration
 from ..policy.retention import PINNED, PUBLISHED, Retention, RetentionPlan, expired, kept_reason, plan_retention
 from .commit import delete_checkpoint, deleted_error, protected_reason, restore_checkpoint, retire_checkpoint
 from .fs import CheckpointConflictError
+from .index import STALE_INTENT_AFTER, RunIndex
 from .listing import stale_leftovers
 from .protocol import CommitProtocol
 from .read import read_manifest
@@ -85,7 +87,8 @@ class Lifecycle:
     _run_ids: Callable[[], list[str]]
     _uri: Callable[..., str]
     _scan: Callable[[str], dict[str, dict[str, Any]]]
-    _manifests: Callable[[str, dict[str, dict[str, Any]]], list[tuple[str, Manifest]]]
+    _entries: Callable[..., list[IndexEntry]]
+    _run_index: Callable[[str], RunIndex]
     _update: Callable[[str, Callable[[Manifest], Manifest]], Checkpoint]
 
     # -- pins ---------------------------------------------------------------------------------------
@@ -139,9 +142,9 @@ class Lifecycle:
         """
         found = []
         for run in [run_id] if run_id is not None else self._run_ids():
-            for uri, manifest in self._manifests(run, self._scan(run)):
-                if manifest.deleted_at is not None:
-                    found.append(DeletedCheckpoint(Checkpoint.from_manifest(manifest, uri), manifest.deleted_at))
+            for entry in self._entries(run):
+                if entry.deleted_at is not None:
+                    found.append(DeletedCheckpoint(entry.checkpoint, entry.deleted_at))
         return sorted(found, key=lambda d: (d.deleted_at, d.checkpoint.path))
 
     def restore(self, uri: str) -> Checkpoint:
@@ -302,11 +305,12 @@ class Lifecycle:
         doomed, purged, leftovers, clock = [], [], {}, self._protocol.now(self._root_path)
         for run_id in self._run_ids():
             found = self._scan(run_id)
-            manifests = self._manifests(run_id, found)
-            live = [Checkpoint.from_manifest(m, uri) for uri, m in manifests if m.deleted_at is None]
-            doomed += expired(live, now)
-            purged += [Checkpoint.from_manifest(m, uri) for uri, m in manifests if _purge_reason(m, now, wait) is None]
+            entries = self._entries(run_id, found)
+            doomed += expired([e.checkpoint for e in entries if e.deleted_at is None], now)
+            purged += [e.checkpoint for e in entries if _purge_reason(e, now, wait) is None]
             leftovers.update(self._leftovers(run_id, found, incomplete_after, clock))
+            if not dry_run:
+                self._repair_index(run_id, found, clock)
         if only is not None:
             allowed = set(only)
             doomed = [c for c in doomed if c.path in allowed]
@@ -328,6 +332,15 @@ class Lifecycle:
         if leftovers:
             log.info("gc %s remove %d leftover(s) of interrupted writes", verb, len(leftovers))
         return doomed + purged
+
+    def _repair_index(self, run_id: str, found: dict[str, dict[str, Any]], clock: float) -> None:
+        """Settle the intents of writers that died before settling, and rewrite an index that lists other
+        checkpoints than the manifests do (one an older version wrote to, or a damaged one)."""
+        index = self._run_index(run_id)
+        index.settle_stale_intents(found, clock, STALE_INTENT_AFTER)
+        if index.diverges(found):
+            log.warning("gc: the listing index of run %s disagreed with its manifests; rewriting it", run_id)
+            index.rebuild(clock)
 
     def _delete_if(self, checkpoint: Checkpoint, keep: Callable[[Manifest], str | None]) -> bool:
         """Delete a checkpoint the scan found due, judged again by ``keep`` on its manifest at the moment."""
@@ -375,7 +388,7 @@ def _set_pinned(manifest: Manifest, pinned: bool, uri: str) -> Manifest:
     return dataclasses.replace(manifest, pinned=pinned)
 
 
-def _purge_reason(manifest: Manifest, now: datetime, grace: timedelta) -> str | None:
+def _purge_reason(manifest: Manifest | IndexEntry, now: datetime, grace: timedelta) -> str | None:
     """Why ``gc`` keeps a checkpoint it would purge as soft-deleted, or None if it is due at ``now``."""
     if manifest.deleted_at is None:
         return "it was restored"

@@ -135,8 +135,9 @@ class LocalRenameCommit(CommitProtocol):
             if (current[1] if current else None) != version:
                 return False
             replace_file(path, data)
-            if current is None:
-                fsync_path(os.path.dirname(path))  # a new entry survives a crash with what it describes
+            if current is None:  # a new entry (and a folder made for it) survives a crash with what it describes
+                fsync_path(os.path.dirname(path))
+                fsync_path(os.path.dirname(os.path.dirname(path)))
         return True
 
     def delete(self, path: str, version: str | None) -> bool:

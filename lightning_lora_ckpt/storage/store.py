@@ -14,8 +14,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from ..format.index_entry import IndexEntry
 from ..format.layout import CheckpointType, default_root, join, resolve, validate_name
-from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
+from ..format.manifest import Manifest
 from ..format.records import MAX_RUN_BYTES, RUN_FILE, Checkpoint, CheckpointPage, Cursor, TrainingRun, VerifyReport
 from ..format.strict_json import CheckpointFormatError, utcnow
 from ..format.ttl import parse_duration
@@ -23,8 +24,9 @@ from ..policy.retention import checkpoint_order, newest
 from .archive import Progress, archive, download
 from .commit import protocol_for, update_manifest
 from .fs import CheckpointConflictError, url_to_fs
+from .index import IndexReport, RunIndex
 from .lifecycle import DELETE_GRACE, INCOMPLETE_AFTER, DeletedCheckpoint, Lifecycle, check_live
-from .listing import is_manifest_path, scan
+from .listing import scan
 from .read import read_manifest, verify_checkpoint
 
 __all__ = ["DELETE_GRACE", "INCOMPLETE_AFTER", "CheckpointStore", "DeletedCheckpoint"]
@@ -130,8 +132,9 @@ class CheckpointStore(Lifecycle):
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
         """Committed checkpoints of a run, oldest first (by step, then time).
 
-        One flat listing of the run (a single request per 1000 objects on S3) finds the manifests,
-        which are then fetched concurrently: 1 + N requests for N checkpoints.
+        Read from the run's listing index (:mod:`.index`): two requests on an object store however many
+        checkpoints the run has, plus one per checkpoint being changed right now. A run without a usable
+        index is listed from its manifests (one flat listing, then the manifests read concurrently).
 
         Args:
             run_id: the run's id.
@@ -143,43 +146,49 @@ class CheckpointStore(Lifecycle):
         Raises:
             ValueError: ``run_id`` is not a valid run id.
         """
-        return self._checkpoints(run_id, self._scan(run_id))
+        return self._checkpoints(run_id)
 
     def _scan(self, run_id: str) -> dict[str, dict[str, Any]]:
         """Fresh flat listing of everything under a run (folders included), with each entry's details."""
-        return scan(self.fs, join(self._root_path, validate_name(run_id, "run id")))
+        return scan(self.fs, self._run_index(run_id).run_path)
 
-    def _checkpoints(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[Checkpoint]:
-        """The listed run's committed checkpoints that are not soft-deleted, by step then time."""
-        live = [Checkpoint.from_manifest(m, uri) for uri, m in self._manifests(run_id, found) if m.deleted_at is None]
+    def _run_index(self, run_id: str) -> RunIndex:
+        run_path = join(self._root_path, validate_name(run_id, "run id"))
+        return RunIndex(self._protocol, run_path, self._uri(run_id))
+
+    def _checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The run's committed checkpoints that are not soft-deleted, by step then time."""
+        live = [e.checkpoint for e in self._entries(run_id) if e.deleted_at is None]
         return sorted(live, key=checkpoint_order)
 
-    def _manifests(self, run_id: str, found: dict[str, dict[str, Any]]) -> list[tuple[str, Manifest]]:
-        """Every committed checkpoint in a run's listing (soft-deleted ones too): (URI, manifest)."""
-        run_path = join(self._root_path, run_id)
-        manifests = [p for p in found if is_manifest_path(p, run_path) and self._safe_manifest(p)]
-        # At most one byte past the cap: a huge file posing as a manifest is refused without being read.
-        ends = [MAX_MANIFEST_BYTES + 1] * len(manifests)
-        contents = self.fs.cat_ranges(manifests, [0] * len(manifests), ends, on_error="return")
-        checkpoints = []
-        for path, raw in zip(manifests, contents, strict=True):
-            kind_dir, name = path.rsplit("/", 3)[-3:-1]
-            try:
-                if isinstance(raw, Exception):  # deleted between the listing and the read
-                    continue
-                manifest = Manifest.from_json(raw, path)
-            except CheckpointFormatError:
-                continue  # a damaged manifest is reported by verify(), never offered for resume
-            checkpoints.append((self._uri(run_id, kind_dir, name), manifest))
-        return checkpoints
+    def _entries(self, run_id: str, found: dict[str, dict[str, Any]] | None = None) -> list[IndexEntry]:
+        """Every committed checkpoint of a run (soft-deleted ones too); with ``found`` (a fresh flat listing of
+        the run), exactly those whose manifest it lists."""
+        return list(self._run_index(run_id).entries(found).values())
 
-    def _safe_manifest(self, path: str) -> bool:
-        """Whether a listed manifest may be read (locally: a regular file, not a FIFO or a link out)."""
-        try:
-            self._protocol.check_member(path, path.rsplit("/", 1)[0], MANIFEST)
-        except CheckpointFormatError:
-            return False  # verify() on the checkpoint reports it
-        return True
+    def reindex(self, run_id: str | None = None) -> list[IndexReport]:
+        """Rewrite the listing index of a run (of every run if None) from its manifests.
+
+        Writers keep the index in step; this repairs one that is missing (a run written by an older version),
+        stale (written to by an older version alongside a newer one) or damaged, and settles the intents of
+        writers that died more than an hour ago. Listing is correct without it, only slower.
+
+        Args:
+            run_id: the run, or None for every run under the root.
+
+        Returns:
+            One report per run: the old index's state and what changed.
+
+        Raises:
+            ValueError: ``run_id`` is not a valid run id.
+            KeyError: there is no run ``run_id`` under the root.
+            CheckpointConflictError: writers kept changing the index while it was rebuilt.
+        """
+        if run_id is not None and RUN_FILE not in self._names(validate_name(run_id, "run id")):
+            raise KeyError(f"No run {run_id!r} under {self.root} ({self._uri(run_id, RUN_FILE)} does not exist)")
+        now = self._protocol.now(self._root_path)
+        runs = [run_id] if run_id is not None else [r for r in self._run_ids() if RUN_FILE in self._names(r)]
+        return [self._run_index(r).rebuild(now) for r in runs]
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> CheckpointPage:
         """Checkpoints of every run, newest first, one page at a time.
@@ -265,12 +274,34 @@ class CheckpointStore(Lifecycle):
             checkpoint_type: ``"training"`` (the resume point) or ``"sampler"``.
 
         Returns:
-            The checkpoint with the highest step (then the latest), or None if the run has none of that type.
+            The checkpoint with the highest step (then the latest), or None if the run has none of that type. The
+            listing index's answer is confirmed by reading that checkpoint's manifest (an answer of None, by a
+            flat listing of the run), so a damaged index never makes a run resume from the wrong checkpoint.
 
         Raises:
             ValueError: ``run_id`` is not a valid run id.
         """
-        return newest(self.list_checkpoints(run_id), checkpoint_type)
+        choice = newest(self.list_checkpoints(run_id), checkpoint_type)
+        if choice is not None and self._protocol.read_manifest(choice.path, self._path_of(choice)) is not None:
+            return choice
+        # The resume point is never taken from the index alone: confirmed by its manifest (one read), and an
+        # index that names none, or one without a manifest, is checked against the manifests themselves.
+        live = [e.checkpoint for e in self._entries(run_id, self._scan(run_id)) if e.deleted_at is None]
+        confirmed = newest(sorted(live, key=checkpoint_order), checkpoint_type)
+        if confirmed != choice:
+            log.warning(
+                "The listing index of run %r disagrees with its manifests (newest %s checkpoint: %s, not %s); "
+                "`lightning-lora-ckpt reindex %s` rewrites it",
+                run_id,
+                checkpoint_type,
+                confirmed.checkpoint_id if confirmed else None,
+                choice.checkpoint_id if choice else None,
+                run_id,
+            )
+        return confirmed
+
+    def _path_of(self, checkpoint: Checkpoint) -> str:
+        return join(self._root_path, checkpoint.run_id, checkpoint.checkpoint_id)
 
     # -- mutable metadata -------------------------------------------------------------------------
     def _update(self, uri: str, change: Callable[[Manifest], Manifest]) -> Checkpoint:

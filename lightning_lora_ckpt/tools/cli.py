@@ -28,6 +28,7 @@ from .commands import (
     cmd_prune,
     cmd_publish,
     cmd_push_hf,
+    cmd_reindex,
     cmd_restore,
     cmd_sample,
     cmd_set_ttl,
@@ -179,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=DELETE_GRACE,
         help=f"purge soft-deleted checkpoints deleted this long ago: seconds or 30m, 2h, 1d (default {DELETE_GRACE})",
     )
+    p = add("reindex", cmd_reindex, "rewrite the listing index of a run (of every run) from its manifests")
+    p.add_argument("run_id", nargs="?")
     add("download", cmd_download, "copy a checkpoint into a local directory, verifying every file", "uri", "output_dir")
     add("archive", cmd_archive, "write a checkpoint as a .tar or .tar.gz (any URI)", "uri", "tar_path")
     add("extract", cmd_extract, "safely extract a checkpoint archive", "tar_path", "output_dir")

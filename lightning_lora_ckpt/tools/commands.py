@@ -303,6 +303,21 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
     return {"dry_run": args.dry_run, "deleted": [c.to_dict() for c in planned], "leftovers": leftovers}
 
 
+def cmd_reindex(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``reindex``: rewrite the listing index of one run (or of every run) from its manifests.
+
+    Raises:
+        KeyError: there is no such run.
+        CheckpointConflictError: writers kept changing the index meanwhile.
+    """
+    reports = store.reindex(args.run_id)
+    if not args.json:
+        for r in reports:
+            changes = f"+{len(r.added)} -{len(r.removed)} ~{len(r.changed)}"
+            console.print(f"{r.run_id}: index was {r.previous}; {r.checkpoints} checkpoint(s) ({changes})")
+    return [r.to_dict() for r in reports]
+
+
 def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
     """``download``: copy a checkpoint into a local directory, verifying every file.
 
