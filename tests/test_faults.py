@@ -85,8 +85,8 @@ def test_transient_faults_are_retried_and_the_save_lands(proxy: FaultProxy, s3_s
     proxy.inject(kind, times=2, method="PUT")  # the first two uploads fail once each attempt
     io.save_checkpoint(fake_checkpoint(3), "000003")
     assert proxy.injected(kind) == 2
-    # run.json + 4 files + manifest, and the 2 failed attempts repeated
-    assert proxy.requests("PUT") == 6 + 2
+    # run.json + 4 files + manifest + the listing index's intent and the index, and the 2 failed attempts repeated
+    assert proxy.requests("PUT") == 8 + 2
     assert listed(root, s3_server) == ["weights/000003"]
     assert_intact(root, s3_server, f"{root}/run/weights/000003", 3)
 

@@ -481,6 +481,7 @@ def test_a_fifo_run_json_or_manifest_never_blocks_a_listing(runs: tuple[Checkpoi
     with pytest.raises(CheckpointFormatError, match=r"run\.json is not a regular file"):
         store.get_run("bad")
     assert [r.run_id for r in store.list_runs()] == ["good1", "good2"]
+    store.reindex("good2")  # listings then read good2 from its manifests (as without an index)
     assert store.list_user_checkpoints().cursor.total_count == 2  # good2's unreadable manifest is left out
 
 
@@ -488,6 +489,7 @@ def test_a_huge_manifest_is_skipped_by_listings(runs: tuple[CheckpointStore, Pat
     store, root = runs
     with open(root / "good2" / "weights" / "t1" / MANIFEST, "r+b") as f:
         f.truncate(8 << 30)  # sparse: a listing that read it whole would take 8 GiB
+    store.reindex("good2")  # reads every manifest of the run, as a listing without an index does
     assert [c.run_id for c in store.list_user_checkpoints().checkpoints] == ["bad", "good1"]
 
 

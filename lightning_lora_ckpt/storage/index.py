@@ -116,13 +116,13 @@ class RunIndex:
             pending = {key for key, _ in self._intents(found)}
             copies = self.load() or {}
             kept = {key: copies[key] for key in existing - pending if key in copies}
-            return kept | self._entries_of(self._read(existing - kept.keys()))
+            return dict(sorted((kept | self._entries_of(self._read(existing - kept.keys()))).items()))
         pending = {key for key, _ in self._intents()}  # before the index: see the module's docstring
         indexed = self.load()
         if indexed is None:
             return self._entries_of(self.scan())
         fresh = self._entries_of(self._read(pending))
-        return {key: e for key, e in indexed.items() if key not in pending} | fresh
+        return dict(sorted(({key: e for key, e in indexed.items() if key not in pending} | fresh).items()))
 
     def _entries_of(self, manifests: dict[Key, Manifest]) -> dict[Key, IndexEntry]:
         return {key: IndexEntry.from_manifest(m, join(self.run_uri, *key)) for key, m in manifests.items()}
