@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import load_file
 
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from helpers.user_module import UserLoRAModule, data, digest, trainer
@@ -45,6 +46,30 @@ def test_default_model_checkpoint_writes_through_the_plugin(tmp_path: Path) -> N
     assert peft.PeftModel.from_pretrained(
         load_base_model("tiny-qwen3"), str(tmp_path / "u" / "weights" / "epoch=0-step=4")
     )
+
+
+def test_saves_gather_the_adapter_without_walking_the_frozen_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The strategy hands the plugin the bound tensors by name: ``state_dict()`` of the whole model (a walk over
+    every module of the frozen base, on the training loop) is never called, and the checkpoint is the same."""
+    module = UserLoRAModule()
+    walks: list[str] = []
+    full_state_dict = torch.nn.Module.state_dict
+
+    def counting(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        if self is module:
+            walks.append("state_dict")
+        return full_state_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "state_dict", counting)
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="u", async_save=False)
+    fit = trainer(io, max_epochs=1)
+    fit.fit(module, data(2))
+    assert walks == [] and ids(tmp_path) == ["weights/epoch=0-step=2"]
+    saved = load_file(tmp_path / "u" / "weights" / "epoch=0-step=2" / "adapter_model.safetensors")
+    expected = peft.get_peft_model_state_dict(module.net)
+    assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], expected[k]) for k in saved)
 
 
 def test_top_k_by_val_loss_with_save_last_then_best_and_last(tmp_path: Path) -> None:

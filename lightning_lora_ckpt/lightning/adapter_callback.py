@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import Strategy
 from typing_extensions import override
 
 from ..format import layout
@@ -65,6 +66,7 @@ class LoRAAdapterCheckpointing(Callback):
         # Only the adapter is in a checkpoint's state_dict; the plugin checks keys and shapes itself.
         pl_module.strict_loading = False
         io.run_id = trainer.strategy.broadcast(io.ensure_run_id())
+        gather_bound_tensors_only(trainer, pl_module, self.binding)
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 kind = "sampler_weights" if callback.save_weights_only else "weights"
@@ -126,6 +128,29 @@ class LoRAAdapterCheckpointing(Callback):
         if self.binding is not None:
             self.binding.restore_rng(checkpoint)
             forget_finished_epoch_loader_state(checkpoint)  # before Lightning restores the loops
+
+
+def gather_bound_tensors_only(trainer: Trainer, pl_module: LightningModule, binding: AdapterBinding) -> None:
+    """Make the trainer's strategy hand checkpoints only the bound tensors, looked up by name, instead of
+    ``pl_module.state_dict()``: a walk over every module of the frozen base (about 30 ms of a 0.6B model's save,
+    all of it on the training loop) for tensors the plugin drops anyway.
+
+    Only strategies that gather with Lightning's default (``state_dict()`` of the module: single device, DDP) are
+    changed; sharded ones gather in their own way (``strategies.py``).
+    """
+    strategy = trainer.strategy
+    if type(strategy).lightning_module_state_dict is not Strategy.lightning_module_state_dict:
+        return
+    # The owning submodules are looked up once; the tensors at each save (a strategy may move or replace them).
+    owners = [
+        (name, pl_module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
+        for name in binding.keys.values()
+    ]
+
+    def bound_tensors() -> dict[str, Any]:
+        return {name: getattr(owner, leaf).detach() for name, owner, leaf in owners}
+
+    strategy.lightning_module_state_dict = bound_tensors  # type: ignore[method-assign]
 
 
 def logged_metrics(trainer: Trainer) -> dict[str, float]:
