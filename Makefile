@@ -39,7 +39,7 @@ $(VLLM_BASE_STAMP):
 # plugin entry point, and s3fs for s3:// roots; then a check that the resolver plugin imports next to vLLM.
 $(VLLM_STAMP): $(VLLM_BASE_STAMP) pyproject.toml
 	$(VLLM_BIN)/pip install -q --no-deps -e .
-	$(VLLM_BIN)/pip install -q "s3fs>=2024.6"
+	$(VLLM_BIN)/pip install -q "s3fs>=2024.6" "zstandard>=0.22"
 	$(VLLM_BIN)/python -c "import vllm.lora.resolver, s3fs, lightning_lora_ckpt.tools.vllm_resolver"
 	touch $(VLLM_STAMP)
 
