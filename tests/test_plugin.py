@@ -48,28 +48,37 @@ def test_default_model_checkpoint_writes_through_the_plugin(tmp_path: Path) -> N
     )
 
 
-def test_saves_gather_the_adapter_without_walking_the_frozen_base(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The strategy hands the plugin the bound tensors by name: ``state_dict()`` of the whole model (a walk over
-    every module of the frozen base, on the training loop) is never called, and the checkpoint is the same."""
+def test_saves_and_resumes_never_walk_the_frozen_base(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strategy hands the plugin the bound tensors by name and restores them by name: neither ``state_dict()``
+    nor ``load_state_dict()`` of the whole model (walks over every module of the frozen base) is called, and the
+    checkpoint and the resumed adapter are the same."""
     module = UserLoRAModule()
     walks: list[str] = []
-    full_state_dict = torch.nn.Module.state_dict
+    for method in ("state_dict", "load_state_dict"):
+        original = getattr(torch.nn.Module, method)
 
-    def counting(self: torch.nn.Module, *args: object, **kwargs: object) -> object:
-        if self is module:
-            walks.append("state_dict")
-        return full_state_dict(self, *args, **kwargs)
+        def counting(
+            self: torch.nn.Module, *args: object, _m: str = method, _f: object = original, **kw: object
+        ) -> object:
+            if isinstance(self, UserLoRAModule):
+                walks.append(_m)
+            return _f(self, *args, **kw)  # type: ignore[operator]
 
-    monkeypatch.setattr(torch.nn.Module, "state_dict", counting)
-    io = LoRACheckpointIO(root=str(tmp_path), run_id="u", async_save=False)
-    fit = trainer(io, max_epochs=1)
-    fit.fit(module, data(2))
+        monkeypatch.setattr(torch.nn.Module, method, counting)
+    trainer(LoRACheckpointIO(root=str(tmp_path), run_id="u", async_save=False), max_epochs=1).fit(module, data(2))
     assert walks == [] and ids(tmp_path) == ["weights/epoch=0-step=2"]
-    saved = load_file(tmp_path / "u" / "weights" / "epoch=0-step=2" / "adapter_model.safetensors")
+    folder = tmp_path / "u" / "weights" / "epoch=0-step=2"
+    saved = load_file(folder / "adapter_model.safetensors")
     expected = peft.get_peft_model_state_dict(module.net)
     assert sorted(saved) == sorted(expected) and all(torch.equal(saved[k], expected[k]) for k in saved)
+    resumed = UserLoRAModule()
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="u", async_save=False)
+    restored: list[dict[str, torch.Tensor]] = []
+    resumed.on_train_start = lambda: restored.append(  # type: ignore[method-assign]
+        {k: v.clone() for k, v in peft.get_peft_model_state_dict(resumed.net).items()}
+    )
+    trainer(io, max_epochs=2).fit(resumed, data(2), ckpt_path=str(folder))
+    assert walks == [] and all(torch.equal(restored[0][k], saved[k]) for k in saved)
 
 
 def test_top_k_by_val_loss_with_save_last_then_best_and_last(tmp_path: Path) -> None:
