@@ -1,5 +1,6 @@
 """Two-process CPU DDP and FSDP2 (gloo): one rank writes, only the adapter is gathered, and a checkpoint
-saved at one world size resumes at another."""
+saved at one world size resumes at another; the same for full-parameter training (rank=0), whose gathered
+checkpoint is one Hugging Face model directory whatever the world size."""
 
 from __future__ import annotations
 
@@ -20,18 +21,32 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="Lightning
 
 
 def run(
-    strategy: str, devices: int, root: Path, run_id: str, steps: int, ckpt: str | None = None, user: bool = False
+    strategy: str,
+    devices: int,
+    root: Path,
+    run_id: str,
+    steps: int,
+    ckpt: str | None = None,
+    user: bool = False,
+    rank: int = 4,
 ) -> Path:
     args = [sys.executable, str(JOB), strategy, str(devices), str(root), run_id, str(steps), *([ckpt] if ckpt else [])]
-    env = {**os.environ, "ACCELERATOR": "cuda" if strategy == "fsdp1" else "cpu", "USER_MODULE": "1" if user else "0"}
+    env = {
+        **os.environ,
+        "ACCELERATOR": "cuda" if strategy == "fsdp1" else "cpu",
+        "USER_MODULE": "1" if user else "0",
+        "LORA_RANK": str(rank),
+    }
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root.parent, env=env)
     assert out.returncode == 0, out.stderr[-4000:]
     return root / run_id / "weights" / f"step{steps}"
 
 
 def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights (the adapter, or a full-parameter checkpoint's model shards) and the optimizer moments."""
+    weights = sorted(p for p in checkpoint.glob("*.safetensors") if p.name != "training_state.safetensors")
     return {
-        **safetensors.torch.load_file(checkpoint / "adapter_model.safetensors"),
+        **{k: v for p in weights for k, v in safetensors.torch.load_file(p).items()},
         **{
             k: v
             for k, v in safetensors.torch.load_file(checkpoint / "training_state.safetensors").items()
@@ -96,3 +111,34 @@ def test_ddp_with_a_users_own_module(tmp_path: Path) -> None:
     resumed = run("single", 1, root, "user-ddp-to-single", 6, str(ddp), user=True)
     continued = run("single", 1, root, "user-single-6", 6, str(single), user=True)
     assert_same(continued, resumed)
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The runs of :func:`runs`, training every parameter (rank=0)."""
+    root = tmp_path_factory.mktemp("dist-full") / "ckpts"
+    runs = {name: run(name, 1 if name == "single" else 2, root, name, 4, rank=0) for name in ("single", "ddp", "fsdp2")}
+    runs["reference"] = run("single", 1, root, "reference", 6, str(runs["single"]), rank=0)
+    return runs
+
+
+@pytest.mark.stress
+def test_full_parameter_checkpoints_are_one_model_directory_whatever_the_world_size(full_runs: dict[str, Path]) -> None:
+    single = full_runs["single"]
+    assert (single / "model.safetensors").is_file() and (single / "config.json").is_file()
+    for name in ("ddp", "fsdp2"):
+        assert_same(single, full_runs[name])
+        assert sorted(p.name for p in full_runs[name].iterdir()) == sorted(p.name for p in single.iterdir())
+        assert (full_runs[name] / "config.json").read_bytes() == (single / "config.json").read_bytes()
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize(
+    ("source", "target", "devices"), [("fsdp2", "single", 1), ("single", "fsdp2", 2), ("ddp", "single", 1)]
+)
+def test_full_parameter_resume_at_another_world_size(
+    full_runs: dict[str, Path], source: str, target: str, devices: int
+) -> None:
+    root = full_runs["single"].parents[2]
+    resumed = run(target, devices, root, f"{source}-to-{target}", 6, str(full_runs[source]), rank=0)
+    assert_same(full_runs["reference"], resumed)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, load_base_model, merge_adapter
 from lightning_lora_ckpt.modeling.base import config_fingerprint
+from lightning_lora_ckpt.tools import base_stream
 from lightning_lora_ckpt.tools import export as export_module
 from lightning_lora_ckpt.tools.cli import main
 
@@ -124,7 +125,7 @@ def test_base_from_a_local_directory_is_streamed_from_its_files(
     def no_in_memory_base(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("a base with safetensors files must be streamed, not loaded")
 
-    monkeypatch.setattr(export_module, "load_base_model", no_in_memory_base)
+    monkeypatch.setattr(base_stream, "load_base_model", no_in_memory_base)
     out = merge_adapter(uri, tmp_path / "merged", dtype="float32", max_shard_size="150KB")
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) >= 2
     assert "tokenizer.json" in os.listdir(out)

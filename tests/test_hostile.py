@@ -573,7 +573,15 @@ times = st.datetimes(timezones=st.just(timezone.utc), min_value=datetime(1970, 1
 @st.composite
 def manifests(draw: st.DrawFn) -> Manifest:
     checkpoint_type = draw(st.sampled_from(["sampler", "training"]))
-    wanted = (ADAPTER_WEIGHTS, ADAPTER_CONFIG) + ((STATE_TENSORS, STATE_JSON) if checkpoint_type == "training" else ())
+    lora_rank = draw(st.integers(0, 512))
+    weights: tuple[str, ...] = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+    if lora_rank == 0:  # full-parameter: a Hugging Face model directory, unsharded or in N shards
+        shards = draw(st.integers(0, 3))
+        weights = ("config.json", "tokenizer.json", "model.safetensors")
+        if shards:
+            weights = weights[:2] + tuple(f"model-{i:05d}-of-{shards:05d}.safetensors" for i in range(1, shards + 1))
+            weights += ("model.safetensors.index.json",)
+    wanted = weights + ((STATE_TENSORS, STATE_JSON) if checkpoint_type == "training" else ())
     files = {
         name: FileEntry(draw(st.integers(1, 1 << 20)), draw(sha256s), draw(st.sampled_from(ALGORITHMS)))
         for name in wanted
@@ -586,7 +594,7 @@ def manifests(draw: st.DrawFn) -> Manifest:
         step=draw(st.integers(0, 1 << 40)),
         epoch=draw(st.integers(0, 1000)),
         base_model=BaseModelRef(draw(st.text(max_size=20)), draw(sha256s), draw(st.sampled_from([None, "nf4"]))),
-        lora_rank=draw(st.integers(0, 512)),
+        lora_rank=lora_rank,
         files=files,
         expires_at=draw(st.none() | times),
         public=draw(st.booleans()),

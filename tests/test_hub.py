@@ -17,6 +17,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard, constants, snapshot_download
 from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
 from lightning_lora_ckpt import (
@@ -120,6 +121,22 @@ def test_training_checkpoint_pushes_only_the_adapter_and_tags_follow_new_saves(t
     assert b"`s`" in commit_files(hub, "tester/adapter", "latest")["README.md"]
     with pytest.raises(ValueError, match="not a valid git tag"):
         push_to_hub(module.save_weights_for_sampler("u"), "tester/adapter", revision_tag="bad..tag")
+
+
+def test_pushed_full_parameter_checkpoint_loads_with_transformers_from_the_hub(tmp_path: Path, hub: HubServer) -> None:
+    io = LoRACheckpointIO(root=str(tmp_path / "ckpts"), run_id="full", async_save=False)
+    module = LoRAModule("tiny-qwen3", rank=0, learning_rate=1e-3)
+    make_trainer(io, max_steps=1).fit(module, batch_loader(1))
+    uri = module.save_state("t")  # a training checkpoint: its model directory is pushed, not its optimizer state
+    push_to_hub(uri, "tester/full")
+    folder = Path(snapshot_download("tester/full", revision="full-t"))
+    assert "config.json" in os.listdir(folder) and "training_state.safetensors" not in os.listdir(folder)
+    ids = token_batches(1)[0]["input_ids"]
+    with torch.no_grad():
+        expected = module.eval()(ids)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits, expected)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers" and "AutoModelForCausalLM" in card.text
 
 
 def test_push_errors_name_the_repo_and_the_cause(trained, hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,7 +26,7 @@ from lightning_lora_ckpt import (
     load_tokenizer,
     merge_adapter,
 )
-from lightning_lora_ckpt.lightning.checkpoint_dict import check_optimizer_states
+from lightning_lora_ckpt.lightning.resume_checks import check_optimizer_states
 
 STATE = "training_state.safetensors"
 FIX = "configure the optimizers, their parameter groups"

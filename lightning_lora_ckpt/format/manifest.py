@@ -17,6 +17,7 @@ from typing import Any
 
 from .digests import ALGORITHMS, HEX_DIGEST, Algorithm
 from .layout import CheckpointType, validate_name
+from .model_layout import MAX_MODEL_FILE_BYTES, model_file_set_problem
 from .strict_json import CheckpointFormatError, iso_time, load_json_object, parse_time
 
 FORMAT = "lightning-lora-ckpt"
@@ -28,14 +29,18 @@ ADAPTER_CONFIG = "adapter_config.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
 
-#: The files each checkpoint type holds besides the manifest, in write order.
+#: The training state's files, which a training checkpoint holds besides its weights.
+STATE_FILES = (STATE_TENSORS, STATE_JSON)
+#: The files each checkpoint type of a LoRA adapter holds besides the manifest, in write order. A full-parameter
+#: checkpoint (``lora_rank`` 0) holds a Hugging Face model directory instead of the two adapter files
+#: (``model_layout``), and a training one the same :data:`STATE_FILES`.
 FILES: dict[CheckpointType, tuple[str, ...]] = {
     "sampler": (ADAPTER_WEIGHTS, ADAPTER_CONFIG),
-    "training": (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_TENSORS, STATE_JSON),
+    "training": (ADAPTER_WEIGHTS, ADAPTER_CONFIG, *STATE_FILES),
 }
 MAX_MANIFEST_BYTES = 1 << 20
-#: Size caps for the JSON files of a checkpoint, far above any real one: a manifest listing more is refused.
-MAX_FILE_BYTES = {ADAPTER_CONFIG: 1 << 20, STATE_JSON: 64 << 20}
+#: Size caps for the JSON and text files of a checkpoint, far above any real one: a manifest listing more is refused.
+MAX_FILE_BYTES = {ADAPTER_CONFIG: 1 << 20, STATE_JSON: 64 << 20, **MAX_MODEL_FILE_BYTES}
 _REQUIRED: Any = object()
 
 
@@ -107,7 +112,8 @@ class Manifest:
         step: the global step it was saved at.
         epoch: the epoch it was saved in.
         base_model: the frozen base it needs.
-        lora_rank: the adapter's LoRA rank ``r``.
+        lora_rank: the adapter's LoRA rank ``r``; 0 for a full-parameter checkpoint (a whole Hugging Face model
+            directory, ``LoRAModule(rank=0)``).
         files: size and digest of every other file of the checkpoint, by file name.
         expires_at: when ``gc`` may delete it (UTC), or None; mutable.
         public: whether it is published (never deleted by ``gc`` or lifecycle rules); mutable.
@@ -141,6 +147,11 @@ class Manifest:
         """Identity of the checkpoint's immutable content (the checksummed file list)."""
         files = {k: v.to_json() for k, v in sorted(self.files.items())}
         return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def full_parameter(self) -> bool:
+        """Whether it holds a whole model (``lora_rank`` 0, a Hugging Face model directory) rather than an adapter."""
+        return self.lora_rank == 0
 
     @property
     def size_bytes(self) -> int:
@@ -226,8 +237,10 @@ class Manifest:
 
         ctype = field("checkpoint_type", _checkpoint_type)
         files = field("files", _files)
-        if set(files) != set(FILES[ctype]):
-            raise bad(f"a {ctype} checkpoint must list exactly {sorted(FILES[ctype])}, got {sorted(files)[:10]}")
+        lora_rank = field("lora_rank", _count)
+        problem = file_set_problem(ctype, lora_rank, set(files))
+        if problem:
+            raise bad(problem)
         for fname, entry in files.items():
             if entry.size > MAX_FILE_BYTES.get(fname, entry.size):
                 raise bad(f"{fname} is listed with {entry.size} bytes, more than the {MAX_FILE_BYTES[fname]} allowed")
@@ -239,7 +252,7 @@ class Manifest:
             step=field("step", _count),
             epoch=field("epoch", _count),
             base_model=field("base_model", lambda v: BaseModelRef(**_expect(v, dict))),
-            lora_rank=field("lora_rank", _count),
+            lora_rank=lora_rank,
             files=files,
             expires_at=field("expires_at", parse_time, None),
             public=field("public", lambda v: _expect(v, bool), False),
@@ -256,6 +269,33 @@ class Manifest:
         if not isinstance(manifest.base_model.quantization, (str, type(None))):
             raise bad("base_model.quantization must be a string or null")
         return manifest
+
+
+def file_set_problem(checkpoint_type: CheckpointType, lora_rank: int, names: set[str]) -> str | None:
+    """What is wrong with the file names a manifest lists for its checkpoint type and rank, or None.
+
+    A LoRA checkpoint lists exactly :data:`FILES` of its type; a full-parameter one (``lora_rank`` 0) a Hugging
+    Face model directory (``model_layout.model_file_set_problem``), plus :data:`STATE_FILES` if it is a training
+    checkpoint.
+
+    Args:
+        checkpoint_type: ``"training"`` or ``"sampler"``.
+        lora_rank: the manifest's ``lora_rank``.
+        names: the listed file names.
+
+    Returns:
+        A one-line description of the problem, or None.
+    """
+    if lora_rank > 0:
+        if names != set(FILES[checkpoint_type]):
+            expected = sorted(FILES[checkpoint_type])
+            return f"a {checkpoint_type} checkpoint must list exactly {expected}, got {sorted(names)[:10]}"
+        return None
+    state = set(STATE_FILES)
+    if checkpoint_type == "training" and not state <= names:
+        return f"a full-parameter training checkpoint must list {sorted(state)}, got {sorted(names)[:10]}"
+    problem = model_file_set_problem(names - state if checkpoint_type == "training" else names)
+    return f"a full-parameter {checkpoint_type} checkpoint (lora_rank 0) {problem}" if problem else None
 
 
 def _metrics(value: Any) -> dict[str, float]:

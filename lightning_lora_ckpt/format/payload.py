@@ -19,6 +19,7 @@ from .adapter_files import decode_adapter, encode_adapter
 from .files import FileContent, ReadBytes
 from .layout import CheckpointType
 from .manifest import MAX_FILE_BYTES, STATE_JSON, STATE_TENSORS, BaseModelRef, Manifest
+from .model_files import DEFAULT_MAX_SHARD_SIZE, decode_model, encode_model
 from .state_codec import decode_state, encode_state
 from .strict_json import load_json_object
 from .tensor_files import load_tensors, safetensors_file
@@ -28,17 +29,24 @@ from .tensor_files import load_tensors, safetensors_file
 class CheckpointPayload:
     """The adapter, its PEFT config, the base it needs and (training checkpoints) the encoded training state.
 
+    A full-parameter payload (``model_files`` set, ``lora_rank`` 0) holds a whole model instead of an adapter: its
+    files are a Hugging Face model directory (``model_files.encode_model``).
+
     Attributes:
         checkpoint_type: ``"training"`` or ``"sampler"``.
-        adapter: the adapter tensors under PEFT's key names.
-        adapter_config: the PEFT config, as ``adapter_config.json`` holds it.
-        base_model: the frozen base the adapter needs.
+        adapter: the adapter tensors under PEFT's key names; of a full-parameter payload, every weight of the model
+            under the names ``save_pretrained`` writes.
+        adapter_config: the PEFT config, as ``adapter_config.json`` holds it (``{}`` for a full-parameter payload).
+        base_model: the base the adapter needs (the base a full-parameter model was trained from).
         user_metadata: free-form JSON metadata for the manifest.
         step: the global step.
         epoch: the epoch.
         state_tree: the encoded training state's JSON tree (``training_state.json``), or None.
         state_tensors: its tensors by name (``training_state.safetensors``).
         metrics: the scalar metrics logged when it was saved, by name (the manifest's ``metrics``).
+        model_files: a full-parameter payload's ``config.json``, ``generation_config.json`` and tokenizer files, by
+            name; None for a LoRA adapter.
+        max_shard_size: the largest weight file of a full-parameter payload (bytes or e.g. ``"2GB"``).
     """
 
     checkpoint_type: CheckpointType
@@ -51,11 +59,13 @@ class CheckpointPayload:
     state_tree: Any = None
     state_tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    model_files: dict[str, bytes] | None = None
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
 
     @property
     def lora_rank(self) -> int:
-        """The adapter's LoRA rank ``r``."""
-        return int(self.adapter_config.get("r", 0))
+        """The adapter's LoRA rank ``r``; 0 for a full-parameter payload."""
+        return 0 if self.model_files is not None else int(self.adapter_config.get("r", 0))
 
     def set_state(self, state: Any) -> None:
         """Encode ``state`` (the training state, tensors kept by reference) into this payload.
@@ -94,12 +104,20 @@ class CheckpointPayload:
         self.state_tensors = {k: fn(v) for k, v in self.state_tensors.items()}
 
     def to_files(self) -> dict[str, FileContent]:
-        """The file contents in the order of ``manifest.FILES``; tensor files are serialised only when written.
+        """The file contents in the order of ``manifest.FILES`` (a full-parameter payload: its model directory, then
+        the state files); tensor files are serialised only when written.
 
         Returns:
             The contents of the checkpoint type's files (the manifest not included), by file name.
+
+        Raises:
+            ValueError: a full-parameter payload's ``max_shard_size`` is not a size.
+            CheckpointFormatError: the PEFT config names modules no loader accepts.
         """
-        files = encode_adapter(self.adapter, self.adapter_config)
+        if self.model_files is not None:
+            files = encode_model(self.adapter, self.model_files, self.max_shard_size)
+        else:
+            files = encode_adapter(self.adapter, self.adapter_config)
         if self.checkpoint_type == "training":
             files[STATE_TENSORS] = safetensors_file(self.state_tensors)
             files[STATE_JSON] = json.dumps(self.state_tree, allow_nan=False).encode()
@@ -111,7 +129,8 @@ class CheckpointPayload:
 
         Args:
             manifest: the checkpoint's manifest.
-            files: verified file contents by name: the adapter's two files, optionally the two state files.
+            files: verified file contents by name: the adapter's two files (a full-parameter checkpoint: its model
+                directory's files), optionally the two state files.
             source: the checkpoint's URI, for error messages.
 
         Returns:
@@ -120,7 +139,13 @@ class CheckpointPayload:
         Raises:
             CheckpointFormatError: naming ``source``, if a file is malformed or the files do not belong together.
         """
-        adapter, config = decode_adapter(files, manifest.lora_rank, source)
+        model_files: dict[str, bytes] | None = None
+        config: dict[str, Any] = {}
+        if manifest.lora_rank == 0:
+            weights = {n: data for n, data in files.items() if n not in (STATE_TENSORS, STATE_JSON)}
+            adapter, model_files = decode_model(weights, source)
+        else:
+            adapter, config = decode_adapter(files, manifest.lora_rank, source)
         payload = cls(
             checkpoint_type=manifest.checkpoint_type,
             adapter=adapter,
@@ -130,6 +155,7 @@ class CheckpointPayload:
             step=manifest.step,
             epoch=manifest.epoch,
             metrics=dict(manifest.metrics),
+            model_files=model_files,
         )
         if STATE_TENSORS in files:
             payload.state_tensors = load_tensors(files[STATE_TENSORS], f"{source}/{STATE_TENSORS}")

@@ -10,16 +10,12 @@ training checkpoint whose remaining entries are the training state.
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Sequence
 from typing import Any, cast
 
 import lightning
 import peft
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.core.optimizer import LightningOptimizer, _MockOptimizer
-from lightning.pytorch.trainer.states import TrainerFn
 from peft import PeftModel
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.fsdp import FullyShardedDataParallel
@@ -41,17 +37,6 @@ from ..modeling.peft_adapter import (
 from ..storage.loading import OpenedCheckpoint
 
 LORA_KEY = "lora_ckpt"
-#: torch.optim's optimizers whose per-parameter state entries named in :data:`_MOMENTS` have the parameter's shape.
-_TORCH_OPTIMIZERS = (
-    torch.optim.Adam,
-    torch.optim.AdamW,
-    torch.optim.NAdam,
-    torch.optim.RAdam,
-    torch.optim.Adamax,
-    torch.optim.SGD,
-    torch.optim.RMSprop,
-)
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
 
 
 def versions() -> dict[str, str]:
@@ -96,7 +81,10 @@ def payload_from_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False
         user_metadata=dict(lora.get("user_metadata") or {}),
         step=_step(rest),
         epoch=int(rest.get("epoch", 0)),
+        model_files=lora.get("model_files"),
     )
+    if "max_shard_size" in lora:
+        payload.max_shard_size = lora["max_shard_size"]
     if checkpoint_type == "training":
         payload.set_state(rest)
         if not defer_copy:
@@ -133,6 +121,7 @@ def checkpoint_from_opened(opened: OpenedCheckpoint) -> dict[str, Any]:
         "adapter_config": opened.adapter_config,
         "base_model": dataclasses.asdict(manifest.base_model),
         "user_metadata": manifest.user_metadata,
+        "lora_rank": manifest.lora_rank,
         "source": opened.uri,
     }
     return checkpoint
@@ -161,8 +150,9 @@ class AdapterBinding:
 
     Args:
         module: the LightningModule (or any ``nn.Module``) holding ``model``.
-        model: the ``PeftModel``; its adapter's key names are mapped to ``module``'s parameter names once,
-            before any strategy wraps or shards the model.
+        model: the ``PeftModel`` (for :class:`~.full_binding.FullModelBinding`, the model trained in full); the
+            key names it saves are mapped to ``module``'s parameter names once, before any strategy wraps or
+            shards the model.
         base_model: the identity of the frozen base, recorded in every checkpoint.
         user_metadata: recorded in every checkpoint's manifest.
         sampler_dtype: the adapter's dtype in sampler checkpoints (training checkpoints keep its own).
@@ -171,7 +161,7 @@ class AdapterBinding:
     def __init__(
         self,
         module: torch.nn.Module,
-        model: PeftModel,
+        model: torch.nn.Module,
         base_model: BaseModelRef,
         user_metadata: dict[str, Any] | None = None,
         sampler_dtype: torch.dtype | None = None,
@@ -181,9 +171,20 @@ class AdapterBinding:
         self.base_model = base_model
         self.user_metadata = dict(user_metadata or {})
         self.sampler_dtype = sampler_dtype
-        #: PEFT key -> parameter name in ``module``
-        self.keys = adapter_parameter_names(model, prefix)
-        self.shapes = {key: tuple(module.get_parameter(name).shape) for key, name in self.keys.items()}
+        #: saved key (PEFT's) -> parameter name in ``module``
+        self.keys = self.saved_names(prefix)
+        self.shapes = {key: tuple(_tensor(module, name).shape) for key, name in self.keys.items()}
+
+    def saved_names(self, prefix: str) -> dict[str, str]:
+        """The key of each tensor a checkpoint holds -> its name in the bound module (``prefix`` + the model's name).
+
+        Args:
+            prefix: the bound model's name in the module, with a trailing dot (or ``""``).
+
+        Returns:
+            The adapter's PEFT keys, mapped to the trainable parameters they are saved from.
+        """
+        return adapter_parameter_names(cast(PeftModel, self.model), prefix)
 
     @classmethod
     def of_module(cls, module: torch.nn.Module) -> AdapterBinding:
@@ -232,7 +233,18 @@ class AdapterBinding:
 
     def adapter_config(self) -> dict[str, Any]:
         """The adapter's ``adapter_config.json``."""
-        return adapter_config_of(self.model)
+        return adapter_config_of(cast(PeftModel, self.model))
+
+    def checkpoint_entry(self, checkpoint_type: CheckpointType) -> dict[str, Any]:
+        """What the ``lora_ckpt`` entry of a checkpoint dict holds besides the base, the metadata and the type.
+
+        Args:
+            checkpoint_type: the type of the checkpoint being saved.
+
+        Returns:
+            ``{"adapter_config": ...}``, the adapter's PEFT config.
+        """
+        return {"adapter_config": self.adapter_config()}
 
     def to_checkpoint(self, checkpoint: dict[str, Any], checkpoint_type: CheckpointType | None = None) -> None:
         """Replace the gathered ``state_dict`` by the adapter under PEFT's key names and add the ``lora_ckpt``
@@ -245,10 +257,10 @@ class AdapterBinding:
         adapter = {p: gathered[m] for p, m in self.keys.items() if m in gathered}
         checkpoint_type = checkpoint_type or ("training" if "optimizer_states" in checkpoint else "sampler")
         if checkpoint_type == "sampler" and self.sampler_dtype is not None:  # sampler: serving precision
-            adapter = {k: v.to(self.sampler_dtype) for k, v in adapter.items()}
+            adapter = {k: v.to(self.sampler_dtype) if v.is_floating_point() else v for k, v in adapter.items()}
         checkpoint["state_dict"] = adapter
         checkpoint[LORA_KEY] = {
-            "adapter_config": self.adapter_config(),
+            **self.checkpoint_entry(checkpoint_type),
             "base_model": dataclasses.asdict(self.base_model),
             "user_metadata": self.user_metadata,
             "checkpoint_type": checkpoint_type,
@@ -263,6 +275,11 @@ class AdapterBinding:
         """
         source = lora.get("source", "the checkpoint")
         BaseModelRef(**lora["base_model"]).check_compatible(self.base_model, source)
+        if lora.get("lora_rank") == 0:
+            raise ValueError(
+                f"Checkpoint {source} is a full-parameter checkpoint (lora_rank 0) and this module trains a LoRA "
+                "adapter; build the module with rank=0 (LoRAModule.from_checkpoint reads it from the checkpoint)"
+            )
         check_same_lora(self.adapter_config(), lora["adapter_config"], source)
         check_adapter_tensors(self.shapes, adapter, source)
 
@@ -288,7 +305,7 @@ class AdapterBinding:
         if isinstance(strategy_model, FullyShardedDataParallel):  # FSDP1: addressed through its root wrapper
             root: torch.nn.Module = strategy_model
         else:
-            params = {name: module.get_parameter(name) for name in by_module_key}
+            params = {name: _tensor(module, name) for name in by_module_key}
             if not any(isinstance(p, DTensor) for p in params.values()):
                 with torch.no_grad():
                     for name, tensor in by_module_key.items():
@@ -311,146 +328,9 @@ def _quantization(base: torch.nn.Module) -> str | None:
     return None
 
 
-def check_resume_state(checkpoint: dict[str, Any], trainer: Any, module: torch.nn.Module) -> None:
-    """While a Trainer fits, refuse a training state its live optimizers cannot take, before anything is restored.
-
-    The plugin loads the checkpoint after the strategy's setup (``resume.install_restore_after_setup``), when
-    the optimizers exist and nothing has been restored yet. Does nothing outside fit, before the optimizers
-    exist (a strategy restoring before its setup) or where the strategy restores them itself (DeepSpeed).
-
-    Args:
-        checkpoint: the Lightning checkpoint dict the plugin rebuilt.
-        trainer: the Trainer about to restore it.
-        module: the bound LightningModule (its parameter names go into the messages).
-
-    Raises:
-        ValueError: as :func:`check_optimizer_states`, or the checkpoint has no optimizer state (sampler).
-        CheckpointFormatError: as :func:`check_optimizer_states`.
-    """
-    strategy = trainer.strategy
-    if trainer.state.fn != TrainerFn.FITTING or not strategy.optimizers or not strategy.lightning_restore_optimizer:
-        return
-    if any(isinstance(optimizer, _MockOptimizer) for optimizer in strategy.optimizers):
-        return  # configure_optimizers returned None: Lightning's stand-in saves and loads nothing
-    source = checkpoint.get(LORA_KEY, {}).get("source", "the checkpoint")
-    if "optimizer_states" not in checkpoint:
-        raise ValueError(
-            f"Checkpoint {source} holds no optimizer state (a sampler checkpoint) and cannot resume training; resume "
-            "from a training checkpoint, or start from its weights only (LoRAModule.from_checkpoint(uri))"
-        )
-    flat = isinstance(strategy.model, FullyShardedDataParallel)  # FSDP1 flattens parameters into shards
-    schedulers = len(trainer.lr_scheduler_configs)
-    check_optimizer_states(checkpoint, strategy.optimizers, schedulers, module, source, shapes=not flat)
-
-
-def check_optimizer_states(
-    checkpoint: dict[str, Any],
-    optimizers: Sequence[torch.optim.Optimizer],
-    schedulers: int,
-    module: torch.nn.Module,
-    source: str,
-    shapes: bool = True,
-) -> None:
-    """Refuse optimizer and scheduler states that do not fit the live optimizers (nothing is changed).
-
-    Saved groups and their parameter ids are paired in order with the live groups' parameters, as torch's
-    ``Optimizer.load_state_dict`` does. Beyond its checks of the group counts and sizes: every id in
-    ``state`` belongs to a group; for torch.optim's own optimizers (Adam, AdamW, SGD, ...) each ``exp_avg``,
-    ``exp_avg_sq``, ``max_exp_avg_sq`` and ``momentum_buffer`` is a floating tensor (torch casts it to the
-    parameter's dtype) of its parameter's shape, and ``step`` one finite number >= 0. Other optimizers'
-    entries (bitsandbytes' quantized ``state1``, ``absmax1``, ...) are left to them.
-
-    Args:
-        checkpoint: the checkpoint dict (``optimizer_states``, ``lr_schedulers``).
-        optimizers: the live optimizers, in the order they are configured.
-        schedulers: how many LR schedulers are configured.
-        module: the module holding the parameters (their names go into the messages).
-        source: the checkpoint's URI, for the messages.
-        shapes: compare moment shapes with the parameters' (not for FSDP1's flattened shards; a DTensor's
-            shape is its full shape, as in the saved full state).
-
-    Raises:
-        CheckpointFormatError: a state is malformed (not a state dict, an id no group lists or listed twice, a
-            moment that is not a floating tensor, a ``step`` that is not a count), naming the key.
-        ValueError: the states do not fit the live optimizers or schedulers (their number, groups, group sizes,
-            moment shapes), naming the key and the fix.
-    """
-
-    def refuse(what: str, malformed: bool = False) -> ValueError:
-        if malformed:
-            return CheckpointFormatError(f"Checkpoint {source}: {what}; the state is damaged, resume from another one")
-        return ValueError(
-            f"Checkpoint {source}: {what}; configure the optimizers, their parameter groups (in the same order) and "
-            "LR schedulers as in the run that wrote it, or resume from another checkpoint"
-        )
-
-    saved, saved_schedulers = checkpoint.get("optimizer_states"), checkpoint.get("lr_schedulers")
-    if not isinstance(saved, list) or not isinstance(saved_schedulers, list):
-        raise refuse("optimizer_states and lr_schedulers must be lists", malformed=True)
-    if len(saved) != len(optimizers):
-        raise refuse(f"optimizer_states holds {len(saved)} optimizer states, the module configures {len(optimizers)}")
-    names = {id(p): name for name, p in module.named_parameters()}
-    for i, (state, optimizer) in enumerate(zip(saved, optimizers, strict=True)):
-        optimizer = optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-        key, live = f"optimizer_states[{i}]", optimizer.param_groups
-        groups = state.get("param_groups") if isinstance(state, dict) else None
-        if not isinstance(groups, list) or not isinstance(state.get("state"), dict):
-            raise refuse(f"{key} is not an optimizer state_dict (with 'state' and 'param_groups')", malformed=True)
-        if len(groups) != len(live):
-            raise refuse(
-                f"{key}.param_groups has {len(groups)} groups, the live {type(optimizer).__name__} has {len(live)}"
-            )
-        params: dict[int, tuple[str, torch.Tensor]] = {}  # saved id -> the live parameter and its name
-        for g, (group, live_group) in enumerate(zip(groups, live, strict=True)):
-            ids = group.get("params") if isinstance(group, dict) else None
-            if (
-                not isinstance(ids, list)
-                or any(type(x) is not int or x in params for x in ids)
-                or len(set(ids)) < len(ids)
-            ):
-                raise refuse(f"{key}.param_groups[{g}].params is not a list of new parameter ids", malformed=True)
-            if len(ids) != len(live_group["params"]):
-                raise refuse(
-                    f"{key}.param_groups[{g}] lists {len(ids)} parameters, the live group has {len(live_group['params'])}"
-                )
-            params.update(
-                (pid, (names.get(id(p), f"#{n} of group {g}"), p))
-                for n, (pid, p) in enumerate(zip(ids, live_group["params"], strict=True))
-            )
-        for pid, entry in state["state"].items():
-            where = f"{key}.state[{pid}]"
-            if pid not in params or not isinstance(entry, dict):
-                raise refuse(f"{where} is not the state of a parameter {key}.param_groups lists", malformed=True)
-            if isinstance(optimizer, _TORCH_OPTIMIZERS):
-                problem = _moment_problem(entry, *params[pid], shapes)
-                if problem:
-                    raise refuse(f"{where}.{problem[0]}", malformed=problem[1])
-    if len(saved_schedulers) != schedulers:
-        raise refuse(
-            f"lr_schedulers holds {len(saved_schedulers)} scheduler states, the module configures {schedulers}"
-        )
-
-
-def _moment_problem(entry: dict[str, Any], name: str, param: torch.Tensor, shapes: bool) -> tuple[str, bool] | None:
-    """What is wrong with a torch.optim state entry of ``param`` (the key and what, whether malformed), or None."""
-    for moment in _MOMENTS:
-        value = entry.get(moment)
-        if value is None:  # absent, or SGD's buffer before its first step
-            continue
-        if not isinstance(value, torch.Tensor) or not (value.is_floating_point() or value.is_complex()):
-            return f"{moment} is {_describe(value)}, not a floating tensor", True
-        if shapes and value.shape != param.shape:
-            return f"{moment} has shape {tuple(value.shape)}, the live parameter {name} has {tuple(param.shape)}", False
-    step = entry.get("step", 0)
-    if isinstance(step, torch.Tensor) and step.numel() == 1 and (step.is_floating_point() or step.dtype.is_signed):
-        step = step.item()
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or not math.isfinite(step) or step < 0:
-        return f"step is {_describe(step)}, not a count of steps", True
-    return None
-
-
-def _describe(value: Any) -> str:
-    """A short description of a value of the state, for messages."""
-    if isinstance(value, torch.Tensor):
-        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape {tuple(value.shape)}"
-    return repr(value) if isinstance(value, (int, float)) else f"a {type(value).__name__}"
+def _tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer ``name`` of ``module``."""
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        return module.get_buffer(name)

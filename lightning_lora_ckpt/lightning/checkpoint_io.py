@@ -36,7 +36,6 @@ from .async_io import AsyncSaves
 from .checkpoint_dict import (
     LORA_KEY,
     AdapterBinding,
-    check_resume_state,
     checkpoint_from_opened,
     payload_from_checkpoint,
     versions,
@@ -44,6 +43,7 @@ from .checkpoint_dict import (
 from .fabric_support import from_fabric, is_fabric_state, to_fabric
 from .local_tier import LocalTier, newest_of
 from .resume import install_last_checkpoint_lookup, install_restore_after_setup
+from .resume_checks import check_resume_state
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "warn"]

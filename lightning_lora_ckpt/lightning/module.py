@@ -1,4 +1,4 @@
-"""``LoRAModule``: a LightningModule around a Hugging Face causal LM with a PEFT LoRA adapter."""
+"""``LoRAModule``: a LightningModule around a Hugging Face causal LM with a PEFT LoRA adapter (or trained in full)."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import torch.nn.functional as F
 import transformers
 from lightning.pytorch import LightningModule
 from peft import LoraConfig, PeftModel
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from typing_extensions import override
 
 from ..format.layout import CheckpointType, validate_name
+from ..format.model_files import DEFAULT_MAX_SHARD_SIZE
 from ..modeling.base import float_dtype, load_base_model, load_tokenizer, require_bitsandbytes
 from ..modeling.peft_adapter import (
     adapter_config_of,
@@ -30,9 +32,11 @@ from ..modeling.peft_adapter import (
 )
 from ..modeling.sampling import SamplingClient, snapshot_identity
 from ..storage.loading import open_checkpoint
-from .checkpoint_dict import LORA_KEY, AdapterBinding, check_optimizer_states, checkpoint_from_opened
+from .checkpoint_dict import LORA_KEY, AdapterBinding, checkpoint_from_opened
 from .checkpoint_io import LoRACheckpointIO
+from .full_binding import FullModelBinding
 from .resume import install_ckpt_path_record, selected_ckpt_path
+from .resume_checks import check_optimizer_states
 
 if TYPE_CHECKING:
     from lightning.fabric.utilities.data import AttributeDict
@@ -51,12 +55,15 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
 
 
 class LoRAModule(LightningModule):
-    """Fine-tunes a LoRA adapter on a frozen causal LM; its checkpoints hold only the adapter and its state.
+    """Fine-tunes a LoRA adapter on a frozen causal LM; its checkpoints hold only the adapter and its state (with
+    ``rank=0``, every weight is trained and checkpoints hold the whole model).
 
     Args:
         base_model: HF model id, local HF directory, or a built-in name (``tiny-qwen3``, ``tiny-llama``,
             ``qwen3-0.6b-shape``) that is built offline from a config.
-        rank, alpha, dropout, target_modules: the PEFT ``LoraConfig`` (``"all-linear"`` by default).
+        rank, alpha, dropout, target_modules: the PEFT ``LoraConfig`` (``"all-linear"`` by default). ``rank=0``
+            (Fireworks' ``lora_rank=0``) trains every parameter of the model instead, with no PEFT: its checkpoints
+            are full Hugging Face model directories (docs/full-parameter.md); alpha, dropout and targets are unused.
         quantization: ``"nf4"`` or ``"int8"`` trains on a bitsandbytes-quantized base (QLoRA); checkpoints
             still name the full-precision base, so the adapter also loads onto it.
         learning_rate, weight_decay, betas, eps: AdamW settings.
@@ -73,6 +80,8 @@ class LoRAModule(LightningModule):
         allow_pickle: also load a local or Hub base with only pickled (``.bin``) weights, which can run code when
             unpickled: only for a ``base_model`` you trust. By default only safetensors weights load. Never
             recorded in checkpoints: ``from_checkpoint`` loads the base a checkpoint names from safetensors only.
+        max_shard_size: ``rank=0`` only: the largest weight file of a checkpoint (bytes or e.g. ``"2GB"``);
+            larger models are sharded as ``save_pretrained`` shards them.
         init_from: a sampler or training checkpoint (any fsspec URI, local path or ``lora://``, resolved against
             the Trainer's ``LoRACheckpointIO`` root) whose adapter the module starts from, weights only
             (optimizer fresh, step 0; MaxText's ``load_parameters_path``), loaded at its first ``setup`` unless
@@ -109,6 +118,7 @@ class LoRAModule(LightningModule):
         revision: str | None = None,
         allow_pickle: bool = False,
         init_from: str | None = None,
+        max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["allow_pickle"])
@@ -120,11 +130,44 @@ class LoRAModule(LightningModule):
             raise ValueError(f"optimizer={optimizer!r} is not supported; use one of {sorted(_OPTIMIZERS)}")
         if _OPTIMIZERS[optimizer]:
             require_bitsandbytes(f"optimizer={optimizer!r}")
+        if type(rank) is not int or rank < 0 or (rank == 0 and quantization is not None):
+            raise ValueError(
+                f"rank={rank!r}, quantization={quantization!r}: rank is a LoRA rank >= 1, or 0 for full-parameter "
+                "training, which needs an unquantized base (quantization=None)"
+            )
         self.sampler_dtype = float_dtype(sampler_dtype or dtype, "sampler_dtype" if sampler_dtype else "dtype")
         base = load_base_model(
             base_model, dtype=dtype, revision=revision, quantization=quantization, allow_pickle=allow_pickle
         )
         self.base_model_ref = base_reference(base, base_model, quantization)
+        #: The trained model: a ``PeftModel`` around the frozen base, or (``rank=0``) the whole base, trained in full.
+        self.model: PeftModel | PreTrainedModel
+        self.adapter_binding: AdapterBinding
+        if rank == 0:
+            self.model = base.requires_grad_(True)
+            tokenizer = load_tokenizer(base_model, revision)
+            self.adapter_binding = FullModelBinding(
+                self, base, self.base_model_ref, tokenizer, user_metadata, self.sampler_dtype, max_shard_size
+            )
+        else:
+            self.model = self._lora_model(base, rank, alpha, dropout, target_modules, revision, seed)
+            self.adapter_binding = AdapterBinding(
+                self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype
+            )
+        self._restore_optimizer_from: dict[str, Any] | None = None
+        #: Whether the adapter's weights are chosen already (loaded, restored or set up once): init_from is not applied.
+        self._weights_chosen = False
+
+    def _lora_model(
+        self,
+        base: PreTrainedModel,
+        rank: int,
+        alpha: float,
+        dropout: float,
+        target_modules: str | list[str],
+        revision: str | None,
+        seed: int,
+    ) -> PeftModel:
         lora_config = LoraConfig(
             r=rank,
             lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; a float alpha works (scale = alpha / r)
@@ -133,11 +176,7 @@ class LoRAModule(LightningModule):
             task_type="CAUSAL_LM",
             revision=revision,
         )
-        self.model: PeftModel = new_peft_model(base, lora_config, base_model, seed)
-        self.adapter_binding = AdapterBinding(self, self.model, self.base_model_ref, user_metadata, self.sampler_dtype)
-        self._restore_optimizer_from: dict[str, Any] | None = None
-        #: Whether the adapter's weights are chosen already (loaded, restored or set up once): init_from is not applied.
-        self._weights_chosen = False
+        return new_peft_model(base, lora_config, self.base_model_ref.name_or_path, seed)
 
     @property
     def user_metadata(self) -> dict[str, Any]:
@@ -248,12 +287,17 @@ class LoRAModule(LightningModule):
 
     # -- checkpoint contents ----------------------------------------------------------------------
     def adapter_config(self) -> dict[str, Any]:
-        """The adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes)."""
-        return adapter_config_of(self.model)
+        """The adapter's PEFT config as ``adapter_config.json`` holds it (what ``save_pretrained`` writes); ``{}``
+        for full-parameter training (``rank=0``)."""
+        return adapter_config_of(self.model) if isinstance(self.model, PeftModel) else {}
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter tensors under PEFT's key names (what ``adapter_model.safetensors`` holds)."""
-        return adapter_state_dict(self.model)
+        """The adapter tensors under PEFT's key names (what ``adapter_model.safetensors`` holds); for full-parameter
+        training (``rank=0``) every weight under the names ``save_pretrained`` writes (views of the parameters)."""
+        if isinstance(self.model, PeftModel):
+            return adapter_state_dict(self.model)
+        state = self.state_dict(keep_vars=True)
+        return {key: state[name].detach() for key, name in self.adapter_binding.keys.items()}
 
     def load_adapter(self, state_dict: dict[str, torch.Tensor], lora: dict[str, Any]) -> None:
         """Load adapter tensors (PEFT key names), refusing another base, LoRA config or tensor set, or a config
@@ -332,7 +376,8 @@ class LoRAModule(LightningModule):
         storage_options: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> LoRAModule:
-        """Rebuild the module (base model, LoRA config) from a checkpoint and load its adapter.
+        """Rebuild the module (base model, LoRA config) from a checkpoint and load its adapter (a full-parameter
+        checkpoint: a ``rank=0`` module built on the base it records, with every weight of the checkpoint).
 
         The optimizer starts fresh and training starts at step 0, unless ``with_optimizer`` (training
         checkpoints only) restores the optimizer moments and LR schedule when the optimizer is created.
@@ -355,6 +400,14 @@ class LoRAModule(LightningModule):
         manifest = opened.manifest
         checkpoint = checkpoint_from_opened(opened)
         config = opened.adapter_config
+        lora: dict[str, Any] = {"rank": 0}  # a full-parameter checkpoint
+        if not manifest.full_parameter:
+            lora = {
+                "rank": config["r"],
+                "alpha": config["lora_alpha"],
+                "dropout": config.get("lora_dropout", 0.0),
+                "target_modules": config["target_modules"],
+            }
         kwargs: dict[str, Any] = {
             **{
                 k: v
@@ -363,10 +416,7 @@ class LoRAModule(LightningModule):
             },
             "base_model": manifest.base_model.name_or_path,
             "quantization": manifest.base_model.quantization,
-            "rank": config["r"],
-            "alpha": config["lora_alpha"],
-            "dropout": config.get("lora_dropout", 0.0),
-            "target_modules": config["target_modules"],
+            **lora,
             **overrides,
         }
         module = cls(**kwargs)

@@ -1,8 +1,8 @@
 """Inference from sampler weights: ``SamplingClient`` and ``SamplingParams`` (Tinker's sampling API).
 
-A client holds one base model and one LoRA adapter. ``load_adapter`` swaps in another adapter of the
-same base without touching the base weights (hotload); ``identity`` always says which checkpoint it
-serves.
+A client holds one base model and one LoRA adapter, or one full model (a full-parameter checkpoint).
+``load_adapter`` swaps in another adapter of the same base without touching the base weights (hotload);
+``identity`` always says which checkpoint it serves.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from typing import Any, Literal, cast
 
 import torch
 from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..format.manifest import BaseModelRef, Manifest
-from ..storage.loading import open_checkpoint
-from .base import load_tokenizer
+from ..storage.loading import OpenedCheckpoint, open_checkpoint
+from .base import float_dtype, load_tokenizer
+from .full_model import check_named_base, load_full_model
 from .peft_adapter import LORA_FIELDS, adapter_state_dict, build_peft_model, check_adapter_tensors, saved_lora_config
 
 #: ``quantization`` of :meth:`SamplingClient.from_checkpoint` that rebuilds the base as it was in training.
@@ -103,12 +105,12 @@ class AdapterIdentity:
 
 
 class SamplingClient:
-    """Samples from a base model with one LoRA adapter (see :meth:`from_checkpoint`).
+    """Samples from a base model with one LoRA adapter, or from a full model (see :meth:`from_checkpoint`).
 
     The arguments are kept as attributes of the same names.
 
     Args:
-        model: the base with its adapter (set to eval mode).
+        model: the base with its adapter, or a full model (set to eval mode).
         tokenizer: the base's tokenizer.
         base_model: the reference of the loaded base; hotloaded adapters must have been trained on it.
         identity: which adapter ``model`` holds.
@@ -117,7 +119,7 @@ class SamplingClient:
 
     def __init__(
         self,
-        model: PeftModel,
+        model: PeftModel | PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         base_model: BaseModelRef,
         identity: AdapterIdentity,
@@ -144,6 +146,10 @@ class SamplingClient:
         allow_pickle: bool = False,
     ) -> SamplingClient:
         """A client for any sampler or training checkpoint.
+
+        A full-parameter checkpoint (``lora_rank`` 0) is a whole model: it is loaded from the checkpoint's own
+        files (weights, config, tokenizer) in ``dtype``, with no base and no PEFT; ``base_model``, if given, must
+        have the fingerprint of the base it was trained from, and ``quantization`` must be left as trained.
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://``).
@@ -173,6 +179,9 @@ class SamplingClient:
             )
         opened = open_checkpoint(uri, root, storage_options)
         recorded = opened.manifest.base_model
+        identity = checkpoint_identity(opened.uri, opened.manifest)
+        if opened.manifest.full_parameter:
+            return cls._full(opened, base_model, max_seq_len, dtype, quantization, identity)
         model, loaded = build_peft_model(
             recorded,
             opened.adapter_config,
@@ -184,8 +193,31 @@ class SamplingClient:
             allow_pickle=allow_pickle,
         )
         tokenizer = load_tokenizer(loaded.name_or_path, opened.adapter_config.get("revision"))
-        identity = checkpoint_identity(opened.uri, opened.manifest)
         return cls(model, tokenizer, loaded, identity, max_seq_len)
+
+    @classmethod
+    def _full(
+        cls,
+        opened: OpenedCheckpoint,
+        base_model: str | None,
+        max_seq_len: int | None,
+        dtype: str,
+        quantization: str | None,
+        identity: AdapterIdentity,
+    ) -> SamplingClient:
+        """A client for a full-parameter checkpoint: its own model and tokenizer (see :meth:`from_checkpoint`)."""
+        recorded = opened.manifest.base_model
+        if quantization not in (AS_TRAINED, None):
+            raise ValueError(
+                f"{opened.uri} is a full-parameter checkpoint: quantization={quantization!r} applies to the base of a "
+                "LoRA adapter; leave it unset"
+            )
+        if base_model is not None:
+            check_named_base(recorded, base_model, opened.uri)
+        model, tokenizer = load_full_model(
+            opened.payload.model_files or {}, opened.adapter, recorded, float_dtype(dtype, "dtype"), opened.uri
+        )
+        return cls(model, tokenizer or load_tokenizer(recorded.name_or_path), recorded, identity, max_seq_len)
 
     # -- hotload ----------------------------------------------------------------------------------
     def load_adapter(
@@ -209,51 +241,56 @@ class SamplingClient:
 
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
-            ValueError: the checkpoint was trained on another base, its config would change the base, or its
-                tensors do not fit its config.
+            ValueError: the checkpoint was trained on another base, its config would change the base, its
+                tensors do not fit its config, or it or this client's model is a full-parameter one (no adapter).
         """
         opened = open_checkpoint(uri, root, storage_options, base_model=self.base_model)
+        if opened.manifest.full_parameter or not isinstance(self.model, PeftModel):
+            raise ValueError(
+                f"Cannot hotload {opened.uri} into this client: a full-parameter checkpoint (or a client serving one) "
+                "has no adapter to swap; open it with SamplingClient.from_checkpoint"
+            )
         lora_config = saved_lora_config(opened.adapter_config, opened.uri)  # refused here: nothing changed yet
-        if not self._copy_into_active(lora_config, opened.adapter):
-            self._add_and_switch(lora_config, opened.adapter, opened.uri)
+        if not self._copy_into_active(self.model, lora_config, opened.adapter):
+            self._add_and_switch(self.model, lora_config, opened.adapter, opened.uri)
         self.identity = checkpoint_identity(opened.uri, opened.manifest)
         return self.identity
 
     @torch.no_grad()
-    def _copy_into_active(self, config: LoraConfig, state: dict[str, torch.Tensor]) -> bool:
+    def _copy_into_active(self, model: PeftModel, config: LoraConfig, state: dict[str, torch.Tensor]) -> bool:
         """Copy ``state`` into the active adapter's tensors if it has the same config, keys and shapes."""
-        active = self.model.active_adapter
-        current = self.model.peft_config[active]
+        active = model.active_adapter
+        current = model.peft_config[active]
         if any(
             getattr(current, f) != getattr(config, f) for f in LORA_FIELDS - {"inference_mode", "init_lora_weights"}
         ):
             return False
-        tensors = adapter_state_dict(self.model, active)  # views of its parameters
+        tensors = adapter_state_dict(model, active)  # views of its parameters
         if tensors.keys() != state.keys() or any(tensors[k].shape != state[k].shape for k in state):
             return False
         for key, tensor in state.items():
             tensors[key].copy_(tensor)
         return True
 
-    def _add_and_switch(self, config: LoraConfig, state: dict[str, torch.Tensor], uri: str) -> None:
-        old, self._adapters = self.model.active_adapter, self._adapters + 1
+    def _add_and_switch(self, model: PeftModel, config: LoraConfig, state: dict[str, torch.Tensor], uri: str) -> None:
+        old, self._adapters = model.active_adapter, self._adapters + 1
         name = f"adapter{self._adapters}"
         try:
-            self.model.add_adapter(name, config)
+            model.add_adapter(name, config)
             # Exactly the new adapter's own keys and shapes: PEFT's loader would also load any other key of the
             # file (a base weight) into the model.
-            expected = {k: tuple(v.shape) for k, v in adapter_state_dict(self.model, name).items()}
+            expected = {k: tuple(v.shape) for k, v in adapter_state_dict(model, name).items()}
             check_adapter_tensors(expected, state, uri)
-            result: Any = set_peft_model_state_dict(self.model, state, adapter_name=name)  # peft: `-> namedtuple`
+            result: Any = set_peft_model_state_dict(model, state, adapter_name=name)  # peft: `-> namedtuple`
             if any(name in key for key in result.missing_keys):
                 raise ValueError(f"Adapter {uri} does not fit its own config: missing {result.missing_keys[:3]}")
         except BaseException:
-            if name in self.model.peft_config:  # whatever part of it was added goes; the old one stays active
-                self.model.delete_adapter(name)
+            if name in model.peft_config:  # whatever part of it was added goes; the old one stays active
+                model.delete_adapter(name)
             raise
-        self.model.set_adapter(name)
-        self.model.delete_adapter(old)
-        self.model.eval()
+        model.set_adapter(name)
+        model.delete_adapter(old)
+        model.eval()
 
     # -- scoring and sampling ---------------------------------------------------------------------
     @torch.no_grad()

@@ -126,6 +126,11 @@ def servable_report(opened: OpenedCheckpoint, max_lora_rank: int | None, *, rais
     config = opened.adapter_config
     problems: list[str] = []
     notes: list[str] = []
+    if opened.manifest.full_parameter:
+        problems.append(
+            "it is a full-parameter checkpoint (a whole model, lora_rank 0), not a LoRA adapter: serve it as a model "
+            "(download it and `vllm serve` the directory)"
+        )
     try:
         check_servable_config(config, opened.uri)
     except ValueError as err:

@@ -16,7 +16,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, ModelCardData,
 from huggingface_hub.errors import HfHubHTTPError, HTTPError
 
 from ..format.layout import TYPE_DIRS
-from ..format.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Manifest
+from ..format.manifest import STATE_FILES, Manifest
 from ..format.strict_json import iso_time
 from .loading import open_checkpoint
 
@@ -72,7 +72,7 @@ def push_to_hub(
         HubPublishError: there is no token, the Hub is unreachable or it refused a request.
     """
     opened = open_checkpoint(uri, root, storage_options)
-    manifest, files = opened.manifest, {n: opened.files[n] for n in (ADAPTER_WEIGHTS, ADAPTER_CONFIG)}
+    manifest, files = opened.manifest, {n: data for n, data in opened.files.items() if n not in STATE_FILES}
     tag = revision_tag or _default_tag(manifest)
     if _BAD_REF.search(tag):
         raise ValueError(f"{tag!r} is not a valid git tag name; pass another revision_tag")
@@ -95,7 +95,8 @@ def push_to_hub(
 
 
 def model_card(manifest: Manifest, repo_id: str, tag: str, metrics: dict[str, float]) -> str:
-    """The ``README.md`` of a pushed checkpoint: PEFT metadata and where the adapter comes from.
+    """The ``README.md`` of a pushed checkpoint: PEFT (or, for a full-parameter checkpoint, transformers) metadata and
+    where the weights come from.
 
     Args:
         manifest: the checkpoint's manifest.
@@ -104,13 +105,17 @@ def model_card(manifest: Manifest, repo_id: str, tag: str, metrics: dict[str, fl
         metrics: values to list, by name.
 
     Returns:
-        The model card: YAML metadata (base model, ``library_name: peft``, tags), then Markdown.
+        The model card: YAML metadata (base model, ``library_name: peft`` or ``transformers``, tags), then Markdown.
     """
-    data = ModelCardData(base_model=manifest.base_model.name_or_path, library_name="peft", tags=CARD_TAGS)
+    full = manifest.full_parameter  # a whole model directory: transformers loads it, no PEFT
+    library = "transformers" if full else "peft"
+    data = ModelCardData(base_model=manifest.base_model.name_or_path, library_name=library, tags=CARD_TAGS)
+    what = "Full-parameter fine-tune of" if full else "LoRA adapter for"
+    loader = "transformers import AutoModelForCausalLM" if full else "peft import AutoPeftModelForCausalLM"
     lines = [
         f"# {repo_id}",
         "",
-        f"LoRA adapter for `{manifest.base_model.name_or_path}`, saved by lightning-lora-ckpt.",
+        f"{what} `{manifest.base_model.name_or_path}`, saved by lightning-lora-ckpt.",
         "",
         f"- run: `{manifest.run_id}`",
         f"- checkpoint: `{manifest.name}` ({manifest.checkpoint_type}, step {manifest.step}, epoch {manifest.epoch})",
@@ -119,9 +124,9 @@ def model_card(manifest: Manifest, repo_id: str, tag: str, metrics: dict[str, fl
         *(f"- {name}: {value:.6g}" for name, value in sorted(metrics.items())),
         "",
         "```python",
-        "from peft import AutoPeftModelForCausalLM",
+        f"from {loader}",
         "",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id}", revision="{tag}")',
+        f'model = {loader.rsplit(" ", 1)[-1]}.from_pretrained("{repo_id}", revision="{tag}")',
         "```",
     ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))

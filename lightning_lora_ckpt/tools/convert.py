@@ -139,12 +139,15 @@ def read_adapter(
 
     Raises:
         CheckpointFormatError: the source is missing, damaged or malformed.
+        ValueError: the source is a full-parameter checkpoint (no adapter to convert).
     """
     resolved = resolve(uri, root)
     fs, path = url_to_fs(resolved, storage_options)
     if not fs.exists(f"{path.rstrip('/')}/{LAYOUT_FILE}"):
         opened = open_checkpoint(resolved, storage_options=storage_options)
         manifest = opened.manifest
+        if manifest.full_parameter:
+            raise ValueError(f"{opened.uri} is a full-parameter checkpoint (lora_rank 0); convert reads LoRA adapters")
         source = {
             "uri": opened.uri,
             "run_id": manifest.run_id,

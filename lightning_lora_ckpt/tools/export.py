@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -23,39 +22,25 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
 from peft.utils.other import get_pattern_key
-from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.core_model_loading import revert_weight_conversion
-from transformers.modeling_utils import remove_tied_weights_from_state_dict
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME
 
 from ..format.manifest import ADAPTER_CONFIG, BaseModelRef
-from ..modeling.base import config_fingerprint, float_dtype, is_builtin, load_base_model, load_config, load_tokenizer
-from ..storage.loading import open_checkpoint
+from ..format.model_files import WEIGHTS_METADATA, plan_shards, shard_index
+from ..modeling.base import config_fingerprint, float_dtype, load_config, load_tokenizer
+from ..modeling.full_model import check_named_base, write_model_metadata
+from ..storage.loading import OpenedCheckpoint, open_checkpoint
 from ..storage.local import apply_umask, install_dir
+from .base_stream import BaseTensors, open_base
 
 log = logging.getLogger(__name__)
 
-# Dtype names in safetensors headers that a base may hold (a float8 base is a quantized checkpoint).
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 # PEFT LoRA options that change what merging means; a truthy value is refused.
 _UNSUPPORTED_OPTIONS = {
     "use_dora": "DoRA (a magnitude vector rescales the merged weight)",
@@ -70,8 +55,6 @@ _UNSUPPORTED_OPTIONS = {
     "arrow_config": "Arrow routing between adapters",
 }
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
-_METADATA = {"format": "pt"}
-_SHARD_PATTERN = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
 
 ProgressFn = Callable[[str, int, int], None]
 _BLOCK_ELEMENTS = 1 << 22  # float32 elements of a weight folded at a time (16 MiB; smaller blocks are slower)
@@ -188,94 +171,10 @@ def lora_deltas(adapter: dict[str, torch.Tensor], adapter_config: dict[str, Any]
     return deltas
 
 
-# -- the base, as an ordered stream of tensors -----------------------------------------------------------
-@dataclasses.dataclass
-class _BaseTensors:
-    """The base's tensors to write: (shape, dtype) of each by name, and an iterator yielding them in that order."""
-
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    tensors: Iterator[tuple[str, torch.Tensor]]
-    weights_dir: str | None  # where the base's files are, if it has files
-
-
-def _safetensors_files(directory: str) -> list[str] | None:
-    """The safetensors weight files of a HF model directory in shard order, or None if it has none."""
-    index = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
-    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
-    return [single] if os.path.isfile(single) else None
-
-
-def _stream_files(files: list[str], skeleton: PreTrainedModel) -> _BaseTensors:
-    """Read safetensors headers now, tensors one at a time later; tied copies (e.g. lm_head) are dropped."""
-    specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-    keys_by_file: dict[str, list[str]] = {}
-    for path in files:
-        with safe_open(path, framework="pt") as f:
-            keys_by_file[path] = list(f.keys())
-            for key in keys_by_file[path]:
-                tensor_slice = f.get_slice(key)
-                dtype = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
-                if dtype is None:
-                    raise ValueError(
-                        f"Base tensor {key} in {path} has dtype {tensor_slice.get_dtype()}: merge_adapter needs "
-                        "full-precision base weights (a quantized checkpoint cannot be merged into)"
-                    )
-                specs[key] = (tuple(tensor_slice.get_shape()), dtype)
-    for tied, source in skeleton.all_tied_weights_keys.items():
-        if tied in specs and source in specs:
-            del specs[tied]
-
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
-        for path, keys in keys_by_file.items():
-            for key in keys:
-                if key in specs:
-                    # A tensor is a view of a memory map of its whole file, which stays resident (pages read)
-                    # as long as any tensor of that map lives: one map per tensor keeps only live tensors'
-                    # pages in memory, not the whole input shard. Opening costs a header read.
-                    with safe_open(path, framework="pt") as f:
-                        tensor = f.get_tensor(key)
-                    yield key, tensor
-
-    return _BaseTensors(specs, tensors(), os.path.dirname(files[0]))
-
-
-def _stream_model(model: PreTrainedModel) -> _BaseTensors:
-    """The tensors ``save_pretrained`` would write for an in-memory model, under the same names."""
-    state = {k: v for k, v in model.state_dict().items() if k not in (model._keys_to_ignore_on_save or ())}
-    state = revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
-    specs = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
-    return _BaseTensors(specs, iter(state.items()), None)
-
-
-def _open_base(
-    name_or_path: str, skeleton: PreTrainedModel, revision: str | None, allow_pickle: bool = False
-) -> _BaseTensors:
-    """Stream a base from its safetensors files when it has them, else build or load it in memory."""
-    directory = None
-    if os.path.isdir(name_or_path):
-        directory = name_or_path
-    elif not is_builtin(name_or_path):
-        from huggingface_hub import snapshot_download
-
-        directory = snapshot_download(name_or_path, revision=revision, allow_patterns=["*.safetensors", "*.json"])
-    files = _safetensors_files(directory) if directory else None
-    if files:
-        return _stream_files(files, skeleton)
-    # A built-in name (built from its config: that is the base). A base with pickled (.bin) weights only loads
-    # when the caller named it and passed allow_pickle=True; load_base_model refuses it otherwise.
-    base = _stream_model(load_base_model(name_or_path, torch.float32, revision, allow_pickle=allow_pickle))
-    base.weights_dir = directory
-    return base
-
-
 # -- writing ----------------------------------------------------------------------------------------------
 def _write_shards(
     directory: str,
-    base: _BaseTensors,
+    base: BaseTensors,
     deltas: dict[str, LoRADelta],
     dtype: torch.dtype,
     max_shard_size: int | str,
@@ -291,7 +190,7 @@ def _write_shards(
         return dtype if spec_dtype.is_floating_point else spec_dtype
 
     sizes = {name: math.prod(shape) * out_dtype(dt).itemsize for name, (shape, dt) in base.specs.items()}
-    plan = _plan_shards(sizes, max_shard_size)
+    plan = plan_shards(sizes, max_shard_size)
     missing = {f: set(names) for f, names in plan.filename_to_tensors.items()}
     pending: dict[str, dict[str, torch.Tensor]] = {f: {} for f in missing}
     total, written = sum(sizes.values()), 0
@@ -303,7 +202,7 @@ def _write_shards(
         pending[filename][name] = merged
         missing[filename].discard(name)
         if not missing[filename]:
-            save_file(pending.pop(filename), os.path.join(directory, filename), metadata=_METADATA)
+            save_file(pending.pop(filename), os.path.join(directory, filename), metadata=WEIGHTS_METADATA)
             _release_freed_memory()
             written += sum(sizes[n] for n in plan.filename_to_tensors[filename])
             if progress is not None:
@@ -311,9 +210,8 @@ def _write_shards(
     if pending:
         raise RuntimeError(f"The base stream ended before these shards were complete: {sorted(pending)}")
     if plan.is_sharded:
-        index = {"metadata": plan.metadata, "weight_map": plan.tensor_to_filename}
-        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w") as f:
-            json.dump(index, f, indent=2, sort_keys=True)
+        with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "wb") as f:
+            f.write(shard_index(plan))
     return len(plan.filename_to_tensors)
 
 
@@ -328,19 +226,7 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _plan_shards(sizes: dict[str, int], max_shard_size: int | str) -> StateDictSplit:
-    """huggingface_hub's shard plan (file names, tensor -> file map, index metadata) for tensors of these sizes."""
-    try:
-        return split_state_dict_into_shards_factory(
-            sizes, get_storage_size=int, filename_pattern=_SHARD_PATTERN, max_shard_size=max_shard_size
-        )
-    except ValueError as err:
-        raise ValueError(
-            f"max_shard_size={max_shard_size!r} is not a size ({err}); pass bytes or a string like '500MB' or '2GB'"
-        ) from err
-
-
-def _check_targets(deltas: dict[str, LoRADelta], base: _BaseTensors, tied: dict[str, str], source: str) -> None:
+def _check_targets(deltas: dict[str, LoRADelta], base: BaseTensors, tied: dict[str, str], source: str) -> None:
     for name, delta in deltas.items():
         if name in tied:
             raise ValueError(
@@ -368,28 +254,40 @@ def _save_metadata(
     revision: str | None,
 ) -> None:
     """config.json (the output dtype), the generation config and, when it can be loaded, the tokenizer."""
-    config.dtype = str(dtype).removeprefix("torch.")
-    config.architectures = [type(skeleton).__name__]
-    config.save_pretrained(directory)
     generation = None
     if weights_dir and os.path.isfile(os.path.join(weights_dir, "generation_config.json")):
         generation = GenerationConfig.from_pretrained(weights_dir)
     elif skeleton.can_generate():
         generation = skeleton.generation_config
-    if generation is not None:
-        generation.save_pretrained(directory)
+    tokenizer = None
     try:
         tokenizer = load_tokenizer(name_or_path, revision)
     except (OSError, ValueError, TypeError) as err:
         log.warning(
             "No tokenizer written to %s: the tokenizer of %s cannot be loaded (%s)", directory, name_or_path, err
         )
-        return
     # transformers makes an empty tokenizer for a directory without tokenizer files: that is no tokenizer.
-    if not tokenizer.vocab_size:
+    if tokenizer is not None and not tokenizer.vocab_size:
         log.warning("No tokenizer written to %s: %s has no tokenizer files", directory, name_or_path)
-        return
-    tokenizer.save_pretrained(directory)
+        tokenizer = None
+    write_model_metadata(directory, config, generation, tokenizer, dtype, type(skeleton).__name__)
+
+
+def _write_full_model(
+    directory: str, opened: OpenedCheckpoint, dtype: torch.dtype, max_shard_size: int | str, progress: ProgressFn | None
+) -> None:
+    """A full-parameter checkpoint's model in ``dtype``: nothing to fold; its own config, generation config and
+    tokenizer files, ``config.json`` recording the new dtype."""
+    tensors = opened.adapter
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    _write_shards(directory, BaseTensors(specs, iter(tensors.items()), None), {}, dtype, max_shard_size, progress)
+    for name, data in (opened.payload.model_files or {}).items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    config = load_config(directory)
+    with torch.device("meta"):
+        architecture = type(AutoModelForCausalLM.from_config(config)).__name__
+    write_model_metadata(directory, config, None, None, dtype, architecture)
 
 
 def prepare_output(output_dir: str, overwrite: bool) -> None:
@@ -426,7 +324,8 @@ def merge_adapter(
     progress: ProgressFn | None = None,
     allow_pickle: bool = False,
 ) -> str:
-    """Write the base model with the checkpoint's LoRA adapter folded in, as a full HF model directory.
+    """Write the base model with the checkpoint's LoRA adapter folded in, as a full HF model directory (a
+    full-parameter checkpoint: its model in ``dtype``, nothing to fold; ``base_model`` then only checks the base).
 
     The model is written to a temporary sibling of ``output_dir`` and renamed into place at the end, so a
     failure never leaves a partial model.
@@ -463,11 +362,16 @@ def merge_adapter(
             "allow_pickle=True is for a base you name yourself: pass base_model= too (the base a checkpoint names "
             "loads from safetensors weights only)"
         )
-    _plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
+    plan_shards({}, max_shard_size)  # a bad size fails now, not after the base is read
     output_dir = os.path.abspath(os.fspath(output_dir))
     prepare_output(output_dir, overwrite)
     opened = open_checkpoint(uri, root, storage_options)
     uri, manifest, adapter_config = opened.uri, opened.manifest, opened.adapter_config
+    if manifest.full_parameter:
+        if base_model is not None:
+            check_named_base(manifest.base_model, base_model, uri)
+        _install(output_dir, lambda tmp: _write_full_model(tmp, opened, dtype, max_shard_size, progress))
+        return output_dir
     deltas = lora_deltas(opened.adapter, adapter_config, uri)
 
     name_or_path = base_model or manifest.base_model.name_or_path
@@ -481,17 +385,25 @@ def merge_adapter(
         )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    base = _open_base(name_or_path, skeleton, revision, allow_pickle=allow_pickle and base_model is not None)
+    base = open_base(name_or_path, skeleton, revision, allow_pickle=allow_pickle and base_model is not None)
     _check_targets(deltas, base, skeleton.all_tied_weights_keys, uri)
 
+    def write(tmp: str) -> None:
+        _write_shards(tmp, base, deltas, dtype, max_shard_size, progress)
+        _save_metadata(tmp, name_or_path, config, skeleton, dtype, base.weights_dir, revision)
+
+    _install(output_dir, write)
+    return output_dir
+
+
+def _install(output_dir: str, write: Callable[[str], None]) -> None:
+    """Run ``write`` on a temporary sibling of ``output_dir``, then rename it into place (nothing partial is left)."""
     parent, name = os.path.split(output_dir)
     tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
     try:
-        _write_shards(tmp, base, deltas, dtype, max_shard_size, progress)
-        _save_metadata(tmp, name_or_path, config, skeleton, dtype, base.weights_dir, revision)
+        write(tmp)
         apply_umask(tmp)
         install_dir(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return output_dir

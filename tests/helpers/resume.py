@@ -14,6 +14,15 @@ from helpers.training import MODULE_KWARGS, make_trainer, token_batches
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule
 
 RESUME_KWARGS = {**MODULE_KWARGS, "dropout": 0.1, "warmup_steps": 3, "lr_schedule": "linear"}
+#: The same run training every parameter (``rank=0``), its weights sharded into two files.
+FULL_RESUME_KWARGS = {
+    "base_model": "tiny-qwen3",
+    "rank": 0,
+    "learning_rate": 1e-3,
+    "warmup_steps": 3,
+    "lr_schedule": "linear",
+    "max_shard_size": "300KB",
+}
 
 
 class LossRecorder(L.Callback):
@@ -55,10 +64,14 @@ def train(
     ckpt_path: str | None = None,
     callbacks: list[Any] = (),
     stateful: bool = False,
+    module_kwargs: dict[str, Any] | None = None,
 ) -> tuple[LoRAModule, list[float]]:
-    """16 seeded steps (dropout, warmup, linear schedule) on the shuffled batches; returns the module and losses."""
+    """16 seeded steps (dropout, warmup, linear schedule) on the shuffled batches; returns the module and losses.
+
+    ``module_kwargs`` replaces :data:`RESUME_KWARGS` (e.g. a full-parameter module's, :data:`FULL_RESUME_KWARGS`).
+    """
     L.seed_everything(0)
-    module, recorder = LoRAModule(**RESUME_KWARGS), LossRecorder()
+    module, recorder = LoRAModule(**(module_kwargs or RESUME_KWARGS)), LossRecorder()
     callbacks = [recorder, *callbacks, *([StopAt(stop_at)] if stop_at else [])]
     make_trainer(io, max_steps=16, callbacks=callbacks).fit(module, shuffled_loader(stateful), ckpt_path=ckpt_path)
     return module, recorder.losses

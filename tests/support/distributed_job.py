@@ -5,7 +5,8 @@ STRATEGY is single, ddp or fsdp2 (LoRAModelParallelStrategy, FSDP2 on CPU with g
 distributed checkpoint) to ROOT/RUN/default, for benchmarks/distributed_bytes.py. Each step sees the
 same 4 examples whatever the world size (4 per process alone, 2 per process with two), so every
 strategy computes the same updates. Saves training checkpoint `step<N>` at the end. With USER_MODULE=1 the
-module is a user's own LightningModule (tests/helpers/user_module.py), saved with `trainer.save_checkpoint`.
+module is a user's own LightningModule (tests/helpers/user_module.py), saved with `trainer.save_checkpoint`; with
+LORA_RANK=0 a full-parameter LoRAModule (every weight trained; its checkpoints are whole model directories).
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def main() -> None:
 
         module: L.LightningModule = UserLoRAModule(dropout=0.0)
     else:
-        module = LoRAModule(os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=4, alpha=8, learning_rate=1e-2)
+        rank = int(os.environ.get("LORA_RANK", "4"))
+        module = LoRAModule(
+            os.environ.get("BASE_MODEL", "tiny-qwen3"), rank=rank, alpha=8, learning_rate=1e-2 if rank else 1e-3
+        )
     io = None if default else LoRACheckpointIO(root=root, run_id=run_id, async_save=False)
     trainer = L.Trainer(
         accelerator=os.environ.get("ACCELERATOR", "cpu"),
