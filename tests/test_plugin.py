@@ -14,6 +14,7 @@ import peft
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from safetensors.torch import load_file
 
 from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
@@ -77,8 +78,13 @@ def test_saves_and_resumes_never_walk_the_frozen_base(tmp_path: Path, monkeypatc
     resumed.on_train_start = lambda: restored.append(  # type: ignore[method-assign]
         {k: v.clone() for k, v in peft.get_peft_model_state_dict(resumed.net).items()}
     )
-    trainer(io, max_epochs=2).fit(resumed, data(2), ckpt_path=str(folder))
+    second = trainer(io, max_epochs=2)
+    second.fit(resumed, data(2), ckpt_path=str(folder))
     assert walks == [] and all(torch.equal(restored[0][k], saved[k]) for k in saved)
+    second.strategy.checkpoint_io = TorchCheckpointIO()  # the plugin swapped out: Lightning's own whole state_dict
+    second.save_checkpoint(tmp_path / "plain.ckpt")
+    plain = torch.load(tmp_path / "plain.ckpt", weights_only=False)["state_dict"]
+    assert walks == ["state_dict"] and len(plain) > len(saved) and "net.base_model.model.lm_head.weight" in plain
 
 
 def test_top_k_by_val_loss_with_save_last_then_best_and_last(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ class CheckpointPayload:
         model_files: a full-parameter payload's ``config.json``, ``generation_config.json`` and tokenizer files, by
             name; None for a LoRA adapter.
         max_shard_size: the largest weight file of a full-parameter payload (bytes or e.g. ``"2GB"``).
+        deferred_state: a training state still to encode (:meth:`defer_state`), or None.
     """
 
     checkpoint_type: CheckpointType
@@ -61,6 +62,7 @@ class CheckpointPayload:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     model_files: dict[str, bytes] | None = None
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE
+    deferred_state: Any = None
 
     @property
     def lora_rank(self) -> int:
@@ -77,6 +79,29 @@ class CheckpointPayload:
             StateEncodingError: naming the key of a value that cannot be stored without pickle.
         """
         self.state_tree, self.state_tensors = encode_state(state)
+
+    def defer_state(self, state: Any) -> None:
+        """Keep ``state`` (its structure and tensors by reference) for :meth:`stage` to encode off the training loop.
+
+        Args:
+            state: the training state (optimizer, loops, schedulers, callbacks, RNG, ...).
+        """
+        self.deferred_state = state
+
+    def stage(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Encode a deferred state, then replace every tensor by ``fn(tensor)`` (an asynchronous save's staging:
+        run in a background thread while no optimizer update can change what it reads).
+
+        Args:
+            fn: maps each tensor to its replacement (a CPU copy).
+
+        Raises:
+            StateEncodingError: naming the key of a value that cannot be stored without pickle.
+        """
+        if self.deferred_state is not None:
+            state, self.deferred_state = self.deferred_state, None
+            self.set_state(state)
+        self.map_tensors(fn)
 
     def state(self, source: str) -> dict[str, Any]:
         """The decoded training state (``{}`` if the payload holds none).

@@ -145,9 +145,16 @@ def use_bound_tensors(trainer: Trainer, pl_module: LightningModule, binding: Ada
         name: (pl_module.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2])
         for name in binding.keys.values()
     }
+
+    def ours() -> bool:  # the plugin may be swapped for another later (e.g. plain Lightning saves after fit)
+        io = lora_checkpoint_io(trainer)
+        return io is not None and io.adapter_binding is binding
+
     if type(strategy).lightning_module_state_dict is Strategy.lightning_module_state_dict:
 
         def bound_tensors() -> dict[str, Any]:
+            if not ours():
+                return Strategy.lightning_module_state_dict(strategy)
             return {name: getattr(owner, leaf).detach() for name, (owner, leaf) in owners.items()}
 
         strategy.lightning_module_state_dict = bound_tensors  # type: ignore[method-assign]
@@ -156,7 +163,7 @@ def use_bound_tensors(trainer: Trainer, pl_module: LightningModule, binding: Ada
 
         def load_bound_tensors(checkpoint: Mapping[str, Any], strict: bool = True) -> None:
             state = checkpoint["state_dict"]
-            if not owners.keys() >= state.keys():
+            if not ours() or not owners.keys() >= state.keys():
                 lightning_load(checkpoint, strict=strict)
                 return
             with torch.no_grad():

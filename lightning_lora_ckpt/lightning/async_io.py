@@ -1,8 +1,8 @@
 """Asynchronous saving, as a wrapper around the synchronous :class:`LoRACheckpointIO` operations.
 
 Like Lightning's ``AsyncCheckpointIO`` around a ``CheckpointIO``, :class:`AsyncSaves` runs the wrapped
-IO's commits and deletions in one background thread, in order. Before that, a save's tensors must be
-copied off the live training state: a second thread makes the copy while the next training step's
+IO's commits and deletions in one background thread, in order. Before that, a save's state must be encoded
+and its tensors copied off the live training state: a second thread does both while the next training step's
 forward and backward run, and every optimizer update waits for it (a global torch optimizer step
 pre-hook owned by this wrapper, wrapping the step's closure), so the copy never sees a later update.
 """
@@ -51,7 +51,7 @@ class AsyncSaves:
             self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lora-ckpt-stager")
         if self._hook is None:
             self._hook = register_optimizer_step_pre_hook(self._wait_before_update)
-        staged = self._stager.submit(payload.map_tensors, snapshot_tensor)
+        staged = self._stager.submit(payload.stage, snapshot_tensor)
         self._staging.append(staged)
 
         def write() -> Any:

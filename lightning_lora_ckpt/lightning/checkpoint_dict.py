@@ -53,8 +53,8 @@ def payload_from_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False
     """Turn a Lightning checkpoint dict into a :class:`CheckpointPayload`.
 
     A synchronous save, written before training resumes, uses tensors already on the CPU as they are.
-    With ``defer_copy`` (asynchronous saves) the payload keeps references to the live tensors, which must
-    be copied (``payload.map_tensors``) before training next changes them.
+    With ``defer_copy`` (asynchronous saves) the payload keeps references to the live tensors and state, which
+    must be encoded and copied (``payload.stage``) before training next changes them.
 
     Raises:
         ValueError: the dict has no adapter entry (the module holds no bound PEFT adapter).
@@ -85,10 +85,11 @@ def payload_from_checkpoint(checkpoint: dict[str, Any], defer_copy: bool = False
     )
     if "max_shard_size" in lora:
         payload.max_shard_size = lora["max_shard_size"]
-    if checkpoint_type == "training":
+    if checkpoint_type == "training" and defer_copy:
+        payload.defer_state(rest)  # encoded while staging, off the training loop
+    elif checkpoint_type == "training":
         payload.set_state(rest)
-        if not defer_copy:
-            payload.state_tensors = _on_cpu(payload.state_tensors)
+        payload.state_tensors = _on_cpu(payload.state_tensors)
     return payload
 
 
