@@ -5,6 +5,7 @@ optimizer state and resume exactly; sampling, weights-only starts, merge, downlo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -34,7 +35,7 @@ from lightning_lora_ckpt import (
 from lightning_lora_ckpt.format.manifest import Manifest
 from lightning_lora_ckpt.format.model_files import decode_model
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
-from lightning_lora_ckpt.tools.convert import read_adapter
+from lightning_lora_ckpt.tools.convert import convert_layout, read_adapter
 
 FULL_KWARGS: dict[str, Any] = {"base_model": "tiny-qwen3", "rank": 0, "learning_rate": 1e-3, "max_shard_size": "300KB"}
 IDS = token_batches(1, seed=1)[0]["input_ids"]
@@ -125,12 +126,33 @@ def test_sampling_client_serves_the_checkpoints_own_model(full_run: dict[str, An
         SamplingClient.from_checkpoint(uri, base_model="tiny-llama", root=full_run["root"])
 
 
-def test_adapter_only_readers_refuse_a_full_checkpoint(full_run: dict[str, Any]) -> None:
+def test_vllm_adapter_checks_refuse_a_full_checkpoint(full_run: dict[str, Any]) -> None:
     uri = f"{full_run['root']}/full/sampler_weights/000002"
     with pytest.raises(NotServableError, match=r"full-parameter checkpoint .* serve it as a model"):
         check_servable(uri)
-    with pytest.raises(ValueError, match="convert reads LoRA adapters"):
-        read_adapter(uri)
+
+
+def test_convert_a_full_checkpoint_stacked_and_back(full_run: dict[str, Any], tmp_path: Any) -> None:
+    """A full training checkpoint -> stacked (one [L, ...] tensor per kind of layer weight, the config and tokenizer
+    files beside it) -> a Hugging Face model directory again: bit-exact, loadable with the trained logits."""
+    uri = f"{full_run['root']}/full/weights/000004"
+    stacked = convert_layout(uri, tmp_path / "stacked", "stacked")
+    weights = safetensors.torch.load_file(tmp_path / "stacked" / "model.stacked.safetensors")
+    layers = full_run["module"].model.config.num_hidden_layers
+    assert stacked.num_layers == {"model.layers": layers}
+    assert weights["model.layers.{layers}.self_attn.q_proj.weight"].shape[0] == layers
+    assert {"config.json", "layout.json"} <= set(os.listdir(tmp_path / "stacked"))
+    back = convert_layout(tmp_path / "stacked", tmp_path / "hf", "unstacked", max_shard_size="300KB")
+    original, _, _, files = read_adapter(uri)
+    again, _, _, files_again = read_adapter(str(tmp_path / "stacked"))
+    assert list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
+    assert files_again == files and back.tensors == len(original)
+    assert sorted(n for n in os.listdir(tmp_path / "hf") if n.startswith("model-")) == SHARDS
+    hf_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(logits_of(hf_model), full_run["logits"][4], rtol=0, atol=0)
+    (tmp_path / "stacked" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointFormatError, match=r"config\.json differs from the sha256 layout\.json records"):
+        convert_layout(tmp_path / "stacked", tmp_path / "hf2", "unstacked")
 
 
 def test_weights_only_start_and_optimizer_restore(full_run: dict[str, Any]) -> None:

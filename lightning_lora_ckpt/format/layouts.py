@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
+from .model_layout import MODEL_WEIGHTS, model_file_set_problem
 from .strict_json import CheckpointFormatError, load_json_object
 
 #: What stands for the layer index in a stacked tensor's name: ``name.replace(PLACEHOLDER, str(i))`` is layer i's key.
 PLACEHOLDER = "{layers}"
-#: The files of a stacked directory.
+#: The files of a stacked directory: the stacked tensors of an adapter, or of a full model (then with its config,
+#: generation config and tokenizer files as they are).
 STACKED_WEIGHTS = "adapter_model.stacked.safetensors"
+STACKED_MODEL_WEIGHTS = "model.stacked.safetensors"
 LAYOUT_FILE = "layout.json"
 LAYOUT_VERSION = 1
 _MAX_LAYOUT_BYTES = 16 << 20
@@ -122,15 +125,21 @@ def unstack_layers(stacked: StackedAdapter) -> dict[str, torch.Tensor]:
 
 
 def encode_layout(
-    stacked: StackedAdapter, adapter_config: dict[str, Any], source: dict[str, Any], weights_sha256: str
+    stacked: StackedAdapter,
+    adapter_config: dict[str, Any],
+    source: dict[str, Any],
+    weights_sha256: str,
+    model_files: dict[str, str] | None = None,
 ) -> bytes:
-    """``layout.json``: what rebuilds the PEFT adapter from :data:`STACKED_WEIGHTS` exactly.
+    """``layout.json``: what rebuilds the PEFT adapter from :data:`STACKED_WEIGHTS` (a full model: its directory
+    from :data:`STACKED_MODEL_WEIGHTS` and its other files) exactly.
 
     Args:
-        stacked: the stacked adapter.
-        adapter_config: the PEFT config (``adapter_config.json``).
+        stacked: the stacked tensors.
+        adapter_config: the PEFT config (``adapter_config.json``; ``{}`` for a full model).
         source: the identity of the checkpoint it came from (run, name, type, step, content digest, base model).
-        weights_sha256: the sha256 of :data:`STACKED_WEIGHTS` as written.
+        weights_sha256: the sha256 of the stacked weights file as written.
+        model_files: a full model's other files (config, generation config, tokenizer) -> their sha256.
 
     Returns:
         The file's bytes.
@@ -140,10 +149,14 @@ def encode_layout(
         "version": LAYOUT_VERSION,
         "placeholder": PLACEHOLDER,
         "num_layers": stacked.num_layers,
-        "weights": {"file": STACKED_WEIGHTS, "sha256": weights_sha256},
+        "weights": {
+            "file": STACKED_MODEL_WEIGHTS if model_files is not None else STACKED_WEIGHTS,
+            "sha256": weights_sha256,
+        },
         "keys": stacked.keys,
         "adapter_config": adapter_config,
         "source": source,
+        **({"model_files": model_files} if model_files is not None else {}),
     }
     return json.dumps(layout, indent=2).encode()
 
@@ -175,13 +188,17 @@ def decode_layout(raw: bytes | memoryview, source: str) -> dict[str, Any]:
         raise bad("num_layers is not a map of prefixes to positive layer counts")
     if not isinstance(keys, list) or not all(type(k) is str for k in keys) or len(set(keys)) != len(keys):
         raise bad("keys is not a list of distinct tensor names")
-    weights = layout.get("weights")
-    if (
-        not isinstance(weights, dict)
-        or weights.get("file") != STACKED_WEIGHTS
-        or type(weights.get("sha256")) is not str
+    model_files = layout.get("model_files")
+    if model_files is not None and (
+        not isinstance(model_files, dict)
+        or not all(type(v) is str for v in model_files.values())
+        or model_file_set_problem([*model_files, MODEL_WEIGHTS]) is not None
+        or MODEL_WEIGHTS in model_files
     ):
-        raise bad(f"weights does not name {STACKED_WEIGHTS} and its sha256")
+        raise bad("model_files is not a map of a model directory's config and tokenizer files to their sha256")
+    weights, expected = layout.get("weights"), STACKED_WEIGHTS if model_files is None else STACKED_MODEL_WEIGHTS
+    if not isinstance(weights, dict) or weights.get("file") != expected or type(weights.get("sha256")) is not str:
+        raise bad(f"weights does not name {expected} and its sha256")
     for field in ("adapter_config", "source"):
         if not isinstance(layout.get(field), dict):
             raise bad(f"{field} is not an object")
