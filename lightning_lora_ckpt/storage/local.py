@@ -130,6 +130,7 @@ class LocalRenameCommit(CommitProtocol):
     def _swap(self, lock: str, path: str, data: bytes, version: str | None, limit: int) -> bool:
         """Replace the file at ``path`` (fsynced, renamed into place) if it is at ``version``, holding ``lock``'s
         lock (a checkpoint's manifest: its kind folder, which commits and deletions hold too)."""
+        made_folder = not os.path.isdir(os.path.dirname(path))
         with _locked(lock):
             current = self.read_document(path, limit)
             if (current[1] if current else None) != version:
@@ -137,7 +138,8 @@ class LocalRenameCommit(CommitProtocol):
             replace_file(path, data)
             if current is None:  # a new entry (and a folder made for it) survives a crash with what it describes
                 fsync_path(os.path.dirname(path))
-                fsync_path(os.path.dirname(os.path.dirname(path)))
+                if made_folder:
+                    fsync_path(os.path.dirname(os.path.dirname(path)))
         return True
 
     def delete(self, path: str, version: str | None) -> bool:
