@@ -3,16 +3,24 @@ allocation beyond the stated size."""
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 
 import pytest
 import zstandard
 
-from lightning_lora_ckpt.format.snapshot_delta import apply_delta, encode_delta, xor_bytes
+from lightning_lora_ckpt.format import snapshot_delta
+from lightning_lora_ckpt.format.snapshot_delta import MAGIC, apply_delta, encode_delta, xor_bytes
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
 
 
-@pytest.mark.parametrize("size", [0, 1, 7, 8, 4097])
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(snapshot_delta, "CHUNK", 1024)  # several frames, an odd-length last one
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 1024, 4097])
 def test_round_trip_is_bit_exact(size: int) -> None:
     parent, child = os.urandom(size), bytearray(os.urandom(size))
     delta = encode_delta(parent, child)
@@ -20,11 +28,11 @@ def test_round_trip_is_bit_exact(size: int) -> None:
 
 
 def test_mostly_equal_files_give_small_deltas() -> None:
-    parent = os.urandom(1 << 20)
+    parent = os.urandom(1 << 16)
     child = bytearray(parent)
     child[1000:1010] = os.urandom(10)
     delta = encode_delta(parent, child)
-    assert delta is not None and len(delta) < 1000 and bytes(apply_delta(parent, delta, len(parent), "d")) == child
+    assert delta is not None and len(delta) < 2000 and bytes(apply_delta(parent, delta, len(parent), "d")) == child
 
 
 def test_files_of_other_sizes_have_no_delta() -> None:
@@ -33,20 +41,34 @@ def test_files_of_other_sizes_have_no_delta() -> None:
         xor_bytes(b"abc", b"abcd")
 
 
+def _container(size: int, frames: list[bytes], chunk: int = 1024) -> bytes:
+    header = json.dumps({"size": size, "chunk": chunk, "frames": [len(f) for f in frames]}).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *frames])
+
+
 def test_hostile_deltas_are_refused() -> None:
-    parent = os.urandom(4096)
-    good = encode_delta(parent, os.urandom(4096))
+    parent = os.urandom(2048)
+    good = encode_delta(parent, os.urandom(2048))
     assert good is not None
     with pytest.raises(CheckpointFormatError, match="must be equal"):
-        apply_delta(parent, good, 4095, "d")
-    with pytest.raises(CheckpointFormatError, match="not a zstandard frame"):
-        apply_delta(parent, b"not zstd at all, really", 4096, "d")
-    # a frame that does not state its size, and one that states more than the manifest: refused from the header
-    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 10)
-    with pytest.raises(CheckpointFormatError, match="where its manifest states 4096"):
-        apply_delta(parent, unsized, 4096, "d")
+        apply_delta(parent, good, 2047, "d")
+    with pytest.raises(CheckpointFormatError, match="magic bytes"):
+        apply_delta(parent, b"not a delta at all", 2048, "d")
+    with pytest.raises(CheckpointFormatError, match="header of 4294967295 bytes"):
+        apply_delta(parent, MAGIC + b"\xff\xff\xff\xff", 2048, "d")
+    with pytest.raises(CheckpointFormatError, match="states 4096 rebuilt bytes"):
+        apply_delta(parent, _container(4096, []), 2048, "d")
+    with pytest.raises(CheckpointFormatError, match="one frame per 1024-byte chunk"):
+        apply_delta(parent, _container(2048, [b"x"]), 2048, "d")
+    # a frame that states no size, and a bomb stating far more than its chunk: refused from the frame header
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 1024)
+    with pytest.raises(CheckpointFormatError, match="bytes where its chunk has 1024"):
+        apply_delta(parent, _container(2048, [unsized, unsized]), 2048, "d")
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (1 << 24))
-    with pytest.raises(CheckpointFormatError, match=f"states {1 << 24} decompressed bytes"):
-        apply_delta(parent, bomb, 4096, "d")
+    with pytest.raises(CheckpointFormatError, match=f"stating {1 << 24} bytes"):
+        apply_delta(parent, _container(2048, [bomb, bomb]), 2048, "d")
+    with pytest.raises(CheckpointFormatError, match="frames take"):
+        apply_delta(parent, good[:-20], 2048, "d")
+    frame = zstandard.ZstdCompressor().compress(b"\0" * 1024)
     with pytest.raises(CheckpointFormatError, match="does not decompress"):
-        apply_delta(parent, good[:-20], 4096, "d")
+        apply_delta(parent, _container(2048, [frame[:-4] + b"\0\0\0\0", frame]), 2048, "d")
