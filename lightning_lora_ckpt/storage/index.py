@@ -248,7 +248,14 @@ class RunIndex:
         """
         kind_dir, name = key
         intent = join(self.run_path, PENDING_DIR, f"{kind_dir}.{name}.{uuid.uuid4().hex}")
-        self.protocol.write_document(intent, json.dumps({"checkpoint": f"{kind_dir}/{name}"}).encode(), None, 0)
+        data = json.dumps({"checkpoint": f"{kind_dir}/{name}"}).encode()
+        for attempt in range(3):
+            try:
+                self.protocol.write_document(intent, data, None, 0)
+                break
+            except FileNotFoundError:  # a gc sweeping every temporary (older_than=0) took the one being written
+                if attempt == 2:
+                    raise
         try:
             yield
         finally:

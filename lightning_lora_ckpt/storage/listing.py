@@ -20,11 +20,6 @@ from ..format.manifest import MANIFEST
 from ..format.ttl import parse_duration
 from .local import TEMP_ENTRY
 
-#: What the names of a run's listing index and its writers' intents start with (``storage/index.py``).
-INDEX_ENTRY_PREFIX = "/.lora-ckpt-"
-#: How old a leftover temporary of the listing index must be before gc removes it, whatever ``older_than`` says.
-INDEX_TEMP_AGE = 3600.0
-
 
 def scan(fs: fsspec.AbstractFileSystem, run_path: str) -> dict[str, dict[str, Any]]:
     """A fresh flat listing of everything under a run's folder (folders included), with each entry's details.
@@ -69,11 +64,9 @@ def stale_leftovers(
     age = float(older_than) if isinstance(older_than, (int, float)) else parse_duration(older_than)
     if age is None or age < 0:
         raise ValueError(f"The age of leftovers to remove must be >= 0 seconds or like '1d', got {older_than!r}")
+    cutoff = now - age
     stale = {}
     for unit, members in _leftover_units(found, run_path, in_place).items():
-        # The listing index's own temporaries (an intent or the index being written) take a second to finish:
-        # a gc told to sweep everything (older_than=0) must not fail the save writing them.
-        cutoff = now - (max(age, INDEX_TEMP_AGE) if INDEX_ENTRY_PREFIX in unit[len(run_path) :] else age)
         times = [modified_time(found[m]) for m in members]
         if times and None not in times and max(t for t in times if t is not None) <= cutoff:
             stale[unit] = members
