@@ -34,7 +34,8 @@ from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
 from lightning_lora_ckpt.storage.commit import delete_checkpoint
 from lightning_lora_ckpt.storage.fs import url_to_fs
 from lightning_lora_ckpt.storage.loading import open_checkpoint
-from lightning_lora_ckpt.storage.read import read_checkpoint, read_files, read_manifest, verify_checkpoint
+from lightning_lora_ckpt.storage.read import read_checkpoint, read_files, read_manifest
+from lightning_lora_ckpt.storage.verify import verify_checkpoint
 
 RUN, NAME = "readers", "latest"
 LOAD_SECONDS = {"local": 6.0, "s3": 8.0}  # how long the loads race the writer

@@ -24,7 +24,10 @@ def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_round_trip_is_bit_exact(size: int) -> None:
     parent, child = os.urandom(size), bytearray(os.urandom(size))
     delta = encode_delta(parent, child)
-    assert delta is not None and bytes(apply_delta(parent, delta, size, "d")) == child
+    assert delta is not None
+    rebuilt = bytearray(parent)
+    apply_delta(rebuilt, delta, "d")
+    assert rebuilt == child
 
 
 def test_mostly_equal_files_give_small_deltas() -> None:
@@ -32,7 +35,10 @@ def test_mostly_equal_files_give_small_deltas() -> None:
     child = bytearray(parent)
     child[1000:1010] = os.urandom(10)
     delta = encode_delta(parent, child)
-    assert delta is not None and len(delta) < 2000 and bytes(apply_delta(parent, delta, len(parent), "d")) == child
+    assert delta is not None and len(delta) < 2000
+    rebuilt = bytearray(parent)
+    apply_delta(memoryview(rebuilt), delta, "d")  # in place through a view, as the chain reader does
+    assert rebuilt == child
 
 
 def test_files_of_other_sizes_have_no_delta() -> None:
@@ -50,25 +56,25 @@ def test_hostile_deltas_are_refused() -> None:
     parent = os.urandom(2048)
     good = encode_delta(parent, os.urandom(2048))
     assert good is not None
-    with pytest.raises(CheckpointFormatError, match="must be equal"):
-        apply_delta(parent, good, 2047, "d")
+    with pytest.raises(CheckpointFormatError, match="states 2048 rebuilt bytes where its parent's file has 2047"):
+        apply_delta(bytearray(2047), good, "d")
     with pytest.raises(CheckpointFormatError, match="magic bytes"):
-        apply_delta(parent, b"not a delta at all", 2048, "d")
+        apply_delta(bytearray(parent), b"not a delta at all", "d")
     with pytest.raises(CheckpointFormatError, match="header of 4294967295 bytes"):
-        apply_delta(parent, MAGIC + b"\xff\xff\xff\xff", 2048, "d")
+        apply_delta(bytearray(parent), MAGIC + b"\xff\xff\xff\xff", "d")
     with pytest.raises(CheckpointFormatError, match="states 4096 rebuilt bytes"):
-        apply_delta(parent, _container(4096, []), 2048, "d")
+        apply_delta(bytearray(parent), _container(4096, []), "d")
     with pytest.raises(CheckpointFormatError, match="one frame per 1024-byte chunk"):
-        apply_delta(parent, _container(2048, [b"x"]), 2048, "d")
+        apply_delta(bytearray(parent), _container(2048, [b"x"]), "d")
     # a frame that states no size, and a bomb stating far more than its chunk: refused from the frame header
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"\0" * 1024)
     with pytest.raises(CheckpointFormatError, match="bytes where its chunk has 1024"):
-        apply_delta(parent, _container(2048, [unsized, unsized]), 2048, "d")
+        apply_delta(bytearray(parent), _container(2048, [unsized, unsized]), "d")
     bomb = zstandard.ZstdCompressor().compress(b"\0" * (1 << 24))
     with pytest.raises(CheckpointFormatError, match=f"stating {1 << 24} bytes"):
-        apply_delta(parent, _container(2048, [bomb, bomb]), 2048, "d")
+        apply_delta(bytearray(parent), _container(2048, [bomb, bomb]), "d")
     with pytest.raises(CheckpointFormatError, match="frames take"):
-        apply_delta(parent, good[:-20], 2048, "d")
+        apply_delta(bytearray(parent), good[:-20], "d")
     frame = zstandard.ZstdCompressor().compress(b"\0" * 1024)
     with pytest.raises(CheckpointFormatError, match="does not decompress"):
-        apply_delta(parent, _container(2048, [frame[:-4] + b"\0\0\0\0", frame]), 2048, "d")
+        apply_delta(bytearray(parent), _container(2048, [frame[:-4] + b"\0\0\0\0", frame]), "d")

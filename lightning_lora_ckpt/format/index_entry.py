@@ -12,9 +12,10 @@ import dataclasses
 from datetime import datetime
 from typing import Any
 
-from .layout import TYPE_DIRS
+from .layout import TYPE_DIRS, validate_name
 from .manifest import Manifest, _checkpoint_type, _count, _expect, _metrics
 from .records import Checkpoint
+from .snapshots import SNAPSHOTS
 from .strict_json import CheckpointFormatError, iso_time, parse_time
 
 _KEYS = {
@@ -31,6 +32,8 @@ _KEYS = {
     "user_metadata",
     "metrics",
 }
+#: Written only for checkpoints of a snapshot chain, so the entries of everything else stay as older versions wrote.
+_CHAIN_KEYS = {"snapshot", "parent"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +99,8 @@ class IndexEntry:
             "deleted_at": iso_time(manifest.deleted_at) if manifest.deleted_at else None,
             "user_metadata": manifest.user_metadata,
             "metrics": manifest.metrics,
+            **({"snapshot": manifest.snapshot} if manifest.snapshot else {}),
+            **({"parent": manifest.parent} if manifest.parent else {}),
         }
 
     @classmethod
@@ -116,9 +121,10 @@ class IndexEntry:
             CheckpointFormatError: the entry is not exactly what writers write (unknown or missing keys, wrong
                 types, a checkpoint type that is not its kind folder's).
         """
-        if not isinstance(data, dict) or set(data) != _KEYS:
+        if not isinstance(data, dict) or not _KEYS <= set(data) <= _KEYS | _CHAIN_KEYS:
             raise CheckpointFormatError(
-                f"the entry of {kind_dir}/{name} does not hold exactly the fields {sorted(_KEYS)}"
+                f"the entry of {kind_dir}/{name} does not hold exactly the fields {sorted(_KEYS)} "
+                f"(and {sorted(_CHAIN_KEYS)} in a snapshot chain)"
             )
         try:
             ctype = _checkpoint_type(data["checkpoint_type"])
@@ -139,8 +145,16 @@ class IndexEntry:
                 user_metadata=_expect(data["user_metadata"], dict),
                 metrics=_metrics(data["metrics"]),
                 pinned=_expect(data["pinned"], bool),
+                snapshot=_snapshot(data.get("snapshot")),
+                parent=validate_name(_expect(data["parent"], str), "parent") if "parent" in data else None,
             )
             deleted = parse_time(data["deleted_at"]) if data["deleted_at"] is not None else None
         except (TypeError, ValueError, OverflowError, AttributeError) as err:
             raise CheckpointFormatError(f"the entry of {kind_dir}/{name} is invalid: {err}") from err
         return cls(checkpoint, deleted)
+
+
+def _snapshot(value: Any) -> str | None:
+    if value not in (None, *SNAPSHOTS):
+        raise ValueError(f"unknown snapshot {str(value)[:50]!r}")
+    return value

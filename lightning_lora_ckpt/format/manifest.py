@@ -18,6 +18,7 @@ from typing import Any
 from .digests import ALGORITHMS, HEX_DIGEST, Algorithm
 from .layout import CheckpointType, validate_name
 from .model_layout import MAX_MODEL_FILE_BYTES, model_file_set_problem
+from .snapshots import Snapshot, snapshot_problem, stored_names
 from .strict_json import CheckpointFormatError, iso_time, load_json_object, parse_time
 
 FORMAT = "lightning-lora-ckpt"
@@ -123,6 +124,11 @@ class Manifest:
         pinned: whether it is pinned (nothing deletes or replaces it); mutable.
         deleted_at: when a retention policy deleted it (UTC): it is then aside (not listed, not loadable) until
             ``gc`` purges it after the grace period or ``CheckpointStore.restore`` brings it back; mutable.
+        snapshot: for a full-parameter sampler checkpoint in a snapshot chain, ``"base"`` (its weights whole) or
+            ``"delta"`` (weight files stored against ``parent``'s, ``format.snapshots``); None otherwise.
+        parent: a delta's parent: the name of the sampler checkpoint of its run it was taken against.
+        rebuilds: a delta's full weight files (size and digest), by name: what its ``<file>.xor.zst`` rebuild.
+        parent_files: the parent's weight files each delta file was taken against, by name.
     """
 
     checkpoint_type: CheckpointType
@@ -141,6 +147,10 @@ class Manifest:
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     pinned: bool = False
     deleted_at: datetime | None = None
+    snapshot: Snapshot | None = None
+    parent: str | None = None
+    rebuilds: dict[str, FileEntry] = dataclasses.field(default_factory=dict)
+    parent_files: dict[str, FileEntry] = dataclasses.field(default_factory=dict)
 
     @property
     def content_sha256(self) -> str:
@@ -158,6 +168,27 @@ class Manifest:
         """Total size of the listed files (the manifest itself not included)."""
         return sum(f.size for f in self.files.values())
 
+    @property
+    def full_files(self) -> dict[str, FileEntry]:
+        """The entries of the files the checkpoint stands for: :attr:`files`, with a delta's weight files as the
+        full files they rebuild."""
+        if not self.rebuilds:
+            return dict(self.files)
+        names = stored_names(self.files, self.rebuilds)
+        return {n: self.rebuilds.get(n) or self.files[n] for n in sorted(names)}
+
+    def as_base(self) -> Manifest:
+        """The manifest of this checkpoint with its weights whole (a delta rebuilt, as ``download`` writes it).
+
+        Returns:
+            Itself unless it is a delta; else a base listing :attr:`full_files`.
+        """
+        if self.snapshot != "delta":
+            return self
+        return dataclasses.replace(
+            self, snapshot="base", parent=None, files=self.full_files, rebuilds={}, parent_files={}
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """The ``checkpoint.json`` object (what :meth:`from_dict` reads back).
 
@@ -165,7 +196,11 @@ class Manifest:
             A JSON-ready dict with ``format`` and ``format_version`` first and times as ISO-8601 UTC.
         """
         data = dataclasses.asdict(self)
-        data["files"] = {name: entry.to_json() for name, entry in self.files.items()}
+        for key in ("files", "rebuilds", "parent_files"):
+            data[key] = {name: entry.to_json() for name, entry in getattr(self, key).items()}
+        for key in _CHAIN_KEYS:  # absent outside snapshot chains: the manifests of older versions, unchanged
+            if not data[key]:
+                del data[key]
         data["created_at"] = iso_time(self.created_at)
         data["expires_at"] = iso_time(self.expires_at) if self.expires_at else None
         data["deleted_at"] = iso_time(self.deleted_at) if self.deleted_at else None
@@ -238,7 +273,19 @@ class Manifest:
         ctype = field("checkpoint_type", _checkpoint_type)
         files = field("files", _files)
         lora_rank = field("lora_rank", _count)
-        problem = file_set_problem(ctype, lora_rank, set(files))
+        rebuilds, parent_files = field("rebuilds", _files, {}), field("parent_files", _files, {})
+        snapshot = field("snapshot", _text, None)
+        parent = field("parent", lambda v: validate_name(_text(v), "parent checkpoint name"), None)
+        problem = snapshot_problem(
+            checkpoint_type=ctype,
+            lora_rank=lora_rank,
+            name=str(data.get("name")),
+            snapshot=snapshot,
+            parent=parent,
+            files=files,
+            rebuilds=rebuilds,
+            parent_files=parent_files,
+        ) or file_set_problem(ctype, lora_rank, stored_names(files, rebuilds))
         if problem:
             raise bad(problem)
         for fname, entry in files.items():
@@ -261,6 +308,10 @@ class Manifest:
             metrics=field("metrics", _metrics, {}),
             pinned=field("pinned", lambda v: _expect(v, bool), False),
             deleted_at=field("deleted_at", parse_time, None),
+            snapshot=snapshot,
+            parent=parent,
+            rebuilds=rebuilds,
+            parent_files=parent_files,
         )
         if not isinstance(manifest.base_model.name_or_path, str) or not isinstance(
             manifest.base_model.fingerprint, str
@@ -314,6 +365,7 @@ def _metrics(value: Any) -> dict[str, float]:
 
 
 _MANIFEST_KEYS = {"format", "format_version", *(f.name for f in dataclasses.fields(Manifest))}
+_CHAIN_KEYS = ("snapshot", "parent", "rebuilds", "parent_files")
 
 
 def _expect(value: Any, typ: type) -> Any:
@@ -325,6 +377,12 @@ def _expect(value: Any, typ: type) -> Any:
 def _count(value: Any) -> int:
     if _expect(value, int) < 0:
         raise ValueError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if len(_expect(value, str)) > 200:
+        raise ValueError("longer than 200 characters")
     return value
 
 

@@ -35,6 +35,8 @@ class Checkpoint:
         user_metadata: free-form JSON metadata stored in its manifest.
         metrics: the scalar metrics logged when it was saved (``trainer.callback_metrics``), by name.
         pinned: whether it is pinned (nothing deletes or replaces it).
+        snapshot: ``"base"`` or ``"delta"`` for a full-parameter sampler checkpoint of a snapshot chain, else None.
+        parent: a delta's parent checkpoint (its name, a sampler checkpoint of the same run), else None.
     """
 
     checkpoint_id: str
@@ -51,6 +53,8 @@ class Checkpoint:
     user_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     pinned: bool = False
+    snapshot: str | None = None
+    parent: str | None = None
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, path: str) -> Checkpoint:
@@ -78,6 +82,8 @@ class Checkpoint:
             user_metadata=manifest.user_metadata,
             metrics=manifest.metrics,
             pinned=manifest.pinned,
+            snapshot=manifest.snapshot,
+            parent=manifest.parent,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -97,42 +97,37 @@ def encode_delta(parent: Buffer, child: Buffer) -> bytes | None:
     return b"".join([MAGIC, struct.pack("<I", len(header)), header, *frames])
 
 
-def apply_delta(parent: Buffer, delta: Buffer, size: int, source: str) -> bytearray:
-    """Rebuild a file from its parent's bytes and its delta, refusing a delta that does not fit.
+def apply_delta(target: bytearray | memoryview, delta: Buffer, source: str) -> None:
+    """Rebuild a file in place: XOR its delta into the parent's bytes in ``target``, refusing a delta that does not
+    fit before anything is decompressed.
+
+    Applying the deltas of a chain one after the other into one buffer rebuilds the chain's last file with no other
+    allocation than one chunk per thread.
 
     Args:
-        parent: the file's bytes in the parent snapshot (already verified against its manifest).
+        target: the parent's file bytes (already verified against its manifest), writable; they become the file's.
         delta: the delta file's bytes.
-        size: the rebuilt file's size as the manifest states it (must be the parent's size).
         source: the delta file's URI, for error messages.
 
-    Returns:
-        The rebuilt bytes (the caller checks their digest against the manifest).
-
     Raises:
-        CheckpointFormatError: the stated size is not the parent's, the header is malformed or disagrees with
-            the size, a frame does not state exactly its chunk's length (checked before decompressing it), or a
-            frame does not decompress.
+        CheckpointFormatError: the delta states another size than ``target``'s, its header is malformed, a frame
+            does not state exactly its chunk's length (checked before decompressing it), or a frame does not
+            decompress; ``target`` may then be partly rebuilt.
     """
-    if size != len(parent):
-        raise CheckpointFormatError(
-            f"Delta {source} rebuilds a file of {size} bytes from a parent file of {len(parent)}: they must be equal"
-        )
+    size = len(target)
     chunk, frames = _header(delta, size, source)
-    out = bytearray(size)
-    target, base = _u8(out), _u8(parent)
+    out = _u8(target)
 
     def rebuild(index: int) -> None:
         start, (offset, length) = index * chunk, frames[index]
         end = min(start + chunk, size)
         xor = _u8(_decompress(memoryview(delta)[offset : offset + length], end - start, source))
         half = (end - start + 1) // 2
-        np.bitwise_xor(base[start:end:2], xor[:half], out=target[start:end:2])
-        np.bitwise_xor(base[start + 1 : end : 2], xor[half:], out=target[start + 1 : end : 2])
+        np.bitwise_xor(out[start:end:2], xor[:half], out=out[start:end:2])
+        np.bitwise_xor(out[start + 1 : end : 2], xor[half:], out=out[start + 1 : end : 2])
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(rebuild, range(len(frames))))
-    return out
 
 
 def _header(delta: Buffer, size: int, source: str) -> tuple[int, list[tuple[int, int]]]:
@@ -152,7 +147,7 @@ def _header(delta: Buffer, size: int, source: str) -> tuple[int, list[tuple[int,
     )
     chunk, lengths = header.get("chunk"), header.get("frames")
     if header.get("size") != size:
-        raise bad(f"it states {header.get('size')!r} rebuilt bytes where its manifest states {size}")
+        raise bad(f"it states {header.get('size')!r} rebuilt bytes where its parent's file has {size}")
     if type(chunk) is not int or chunk <= 0 or chunk % 2:
         raise bad("the chunk length is not a positive even number")
     if (

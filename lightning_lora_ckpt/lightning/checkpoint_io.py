@@ -44,6 +44,7 @@ from .fabric_support import from_fabric, is_fabric_state, to_fabric
 from .local_tier import LocalTier, newest_of
 from .resume import install_last_checkpoint_lookup, install_restore_after_setup
 from .resume_checks import check_resume_state
+from .snapshot_writer import SnapshotChains
 
 log = logging.getLogger(__name__)
 OnError = Literal["raise", "warn"]
@@ -75,6 +76,9 @@ class LoRACheckpointIO(CheckpointIO):
         local_tier: a local directory (fast NVMe) that saves commit to first; each one is then mirrored to
             ``root`` in the background, in order, verified (``lightning.local_tier``). Mirror failures are raised or
             warned per ``on_error``; ``ckpt_path="last"`` takes the newest training checkpoint of either tier.
+        max_deltas: full-parameter sampler checkpoints (``LoRAModule(rank=0)``) form snapshot chains: the first of a
+            process is a base, the next ones deltas against the previous one (XOR, zstandard), up to this many,
+            then a base again (``lightning.snapshot_writer``); 0 writes every one as a base.
 
     ``save_checkpoint`` accepts ``storage_options={"ttl_seconds": ..., "user_metadata": {...},
     "overwrite": ...}``. Saving to an existing name replaces it atomically, as Lightning does, except a
@@ -94,6 +98,7 @@ class LoRACheckpointIO(CheckpointIO):
         storage_options: dict[str, Any] | None = None,
         on_error: OnError = "raise",
         local_tier: str | os.PathLike[str] | None = None,
+        max_deltas: int = 4,
     ) -> None:
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
@@ -122,6 +127,7 @@ class LoRACheckpointIO(CheckpointIO):
             LocalTier(local_tier, self.root, self.storage_options, self._mirror_failed) if local_tier else None
         )
         self._mirror_error: CheckpointWriteError | None = None
+        self.snapshots = SnapshotChains(max_deltas)
         install_last_checkpoint_lookup(LoRACheckpointIO)
         install_restore_after_setup(LoRACheckpointIO)
 
@@ -447,7 +453,11 @@ class LoRACheckpointIO(CheckpointIO):
                 metrics=payload.metrics,
             )
 
-        manifest = commit_checkpoint(uri, payload.to_files(), make_manifest, options, replace=overwrite is not False)
+        files, finish = self.snapshots.prepare(payload, uri, name, payload.to_files(), options)
+        manifest = commit_checkpoint(
+            uri, files, lambda f: finish(make_manifest(f)), options, replace=overwrite is not False
+        )
+        self.snapshots.committed(manifest)
         if local and self.local_tier:
             self.local_tier.mirror(local, durable)
         return manifest

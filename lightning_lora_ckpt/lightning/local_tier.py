@@ -111,7 +111,8 @@ class LocalTier:
         local = CheckpointStore(self.directory)
         checkpoints = [c for c in local.list_checkpoints(run_id) if c.checkpoint_type == checkpoint_type]
         mirrored = next((c for c in checkpoints if c.path.endswith(f"/{name}")), None)
-        for older in checkpoints:
+        # Newest first: in a snapshot chain a delta goes before the parent it needs (which stays while one does).
+        for older in sorted(checkpoints, key=checkpoint_order, reverse=True):
             if mirrored is not None and checkpoint_order(older) < checkpoint_order(mirrored):
                 delete_checkpoint(older.path)
 

@@ -48,6 +48,8 @@ __all__ = [
 
 #: The reasons :func:`plan_retention` gives for what is kept whatever the rules say.
 PUBLISHED, PINNED, RESUME_POINT = "published", "pinned", "newest training checkpoint"
+#: The reason a prune keeps a snapshot that a live delta snapshot needs (judged when it is soft-deleted).
+NEEDED_BY_DELTA = "needed by a delta snapshot"
 #: The reason for what a :class:`MaxBytes` budget leaves because the run fits without deleting it.
 FITS_BUDGET = "MaxBytes: fits the budget"
 

@@ -18,10 +18,11 @@ from ..format.digests import file_digest
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, Manifest
 from ..format.strict_json import CheckpointFormatError
+from .chain import rebuild_weights
 from .commit import open_protocol
 from .fs import url_to_fs
 from .local import apply_umask
-from .read import check_file, read_manifest
+from .read import check_file, read_checkpoint, read_manifest
 
 #: Called with (file name, bytes done, bytes total) while downloading.
 Progress = Callable[[str, int, int], None]
@@ -39,7 +40,9 @@ def download(
 ) -> str:
     """Copy a checkpoint's files into a local ``output_dir``, verifying each; returns the directory.
 
-    Files are written into a temporary sibling that is renamed into place once all are verified.
+    Files are written into a temporary sibling that is renamed into place once all are verified. A delta snapshot
+    is written as a base: its weights rebuilt through its chain (``storage.chain``), its manifest listing them
+    whole, so the copy stands alone.
 
     Args:
         uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
@@ -63,24 +66,10 @@ def download(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.download-", dir=parent)
     try:
-        protocol, path = open_protocol(uri, storage_options)
-        fs = protocol.fs
-        names = [*manifest.files, MANIFEST]
-        for name in names:
-            protocol.check_member(uri, path, name)
-        # One concurrent transfer, as a plain fs.get would do; then every file is checked locally.
-        fs.get(
-            [join(path, n) for n in names],
-            [os.path.join(staging, n) for n in names],
-            callback=_ProgressCallback(progress),
-        )
-        names = list(manifest.files)
-        with ThreadPoolExecutor() as pool:  # the hashes release the GIL: hash the files in parallel
-            digests = pool.map(lambda n: file_digest(os.path.join(staging, n), manifest.files[n].algorithm), names)
-        for name, (size, digest) in zip(names, digests, strict=True):
-            check_file(uri, name, manifest.files[name], size, digest)
-            if progress:  # some filesystems (local copies) report no progress of their own
-                progress(name, size, size)
+        if manifest.snapshot == "delta":
+            _write_rebuilt(uri, staging, storage_options, progress)
+        else:
+            _get_verified(uri, manifest, staging, storage_options, progress)
         if os.path.exists(target):
             os.rmdir(target)
         apply_umask(staging)
@@ -89,6 +78,43 @@ def download(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _write_rebuilt(
+    uri: str, staging: str, storage_options: Mapping[str, Any] | None, progress: Progress | None
+) -> None:
+    """Write a delta snapshot's full model directory and its manifest as a base into ``staging``."""
+    manifest, files = read_checkpoint(uri, storage_options=storage_options)
+    files = rebuild_weights(uri, manifest, files, storage_options)
+    for name, data in [*files.items(), (MANIFEST, manifest.as_base().to_json())]:
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(data)
+        if progress:
+            progress(name, len(data), len(data))
+
+
+def _get_verified(
+    uri: str, manifest: Manifest, staging: str, storage_options: Mapping[str, Any] | None, progress: Progress | None
+) -> None:
+    """Copy a checkpoint's stored files and manifest into ``staging`` and check each against the manifest."""
+    protocol, path = open_protocol(uri, storage_options)
+    fs = protocol.fs
+    names = [*manifest.files, MANIFEST]
+    for name in names:
+        protocol.check_member(uri, path, name)
+    # One concurrent transfer, as a plain fs.get would do; then every file is checked locally.
+    fs.get(
+        [join(path, n) for n in names],
+        [os.path.join(staging, n) for n in names],
+        callback=_ProgressCallback(progress),
+    )
+    names = list(manifest.files)
+    with ThreadPoolExecutor() as pool:  # the hashes release the GIL: hash the files in parallel
+        digests = pool.map(lambda n: file_digest(os.path.join(staging, n), manifest.files[n].algorithm), names)
+    for name, (size, digest) in zip(names, digests, strict=True):
+        check_file(uri, name, manifest.files[name], size, digest)
+        if progress:  # some filesystems (local copies) report no progress of their own
+            progress(name, size, size)
 
 
 def archive(
@@ -299,12 +325,12 @@ def local_copy(
             with ``verify``).
     """
     fs, path = url_to_fs(uri, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        manifest = read_manifest(path)
+    stored = read_manifest(uri, storage_options)
+    if isinstance(fs, LocalFileSystem) and stored.snapshot != "delta":
         if verify:
-            _check_files(path, manifest, uri)
-        return path, manifest
-    expected = read_manifest(uri, storage_options).content_sha256
+            _check_files(path, stored, uri)
+        return path, stored
+    expected = stored.as_base().content_sha256  # a delta's copy is a base (download)
     target = os.path.join(os.path.abspath(cache_dir), expected)
     if os.path.isdir(target) and _cached_intact(target, expected):
         return target, read_manifest(target)

@@ -20,6 +20,7 @@ from ..format.index_entry import IndexEntry
 from ..format.layout import join
 from ..format.manifest import MANIFEST, Manifest
 from ..format.strict_json import CheckpointFormatError, iso_time, utcnow
+from .dependents import dependents as find_dependents
 from .fs import CheckpointConflictError, storage_errors, url_to_fs
 from .gcs import GCSManifestLastCommit
 from .index import index_for
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: How many times an update or deletion re-reads a manifest that changed under it before giving up.
 UPDATE_ATTEMPTS = 8
+#: What deleting a snapshot that deltas need does: keep it (logged), refuse (raise), or delete the deltas first.
+Dependents = Literal["keep", "refuse", "cascade"]
 
 
 def protocol_for(fs: fsspec.AbstractFileSystem) -> CommitProtocol:
@@ -75,6 +78,7 @@ def commit_checkpoint(
     make_manifest: MakeManifest,
     storage_options: Mapping[str, Any] | None = None,
     replace: bool = False,
+    same_weights: bool = False,
 ) -> Manifest:
     """Write ``files`` and then the manifest built from their checksums as the checkpoint at ``uri``.
 
@@ -87,13 +91,16 @@ def commit_checkpoint(
         make_manifest: builds the manifest from the size and sha256 of each written file.
         storage_options: fsspec options of the filesystem.
         replace: replace a committed checkpoint at ``uri``.
+        same_weights: the caller guarantees ``files`` stand for the same model directory as the checkpoint they
+            replace (a compaction), so it may replace a snapshot that deltas need.
 
     Returns:
         The manifest written.
 
     Raises:
         FileExistsError: a checkpoint is committed at ``uri`` and ``replace`` is False.
-        CheckpointConflictError: the checkpoint at ``uri`` is published (never replaced).
+        CheckpointConflictError: the checkpoint at ``uri`` is published (never replaced), or it is a snapshot that
+            deltas need (replacing it would lose them).
         CheckpointWriteError: the storage kept failing.
     """
     protocol, path = open_protocol(uri, storage_options)
@@ -104,6 +111,13 @@ def commit_checkpoint(
             f"A checkpoint already exists at {uri}; delete it first, save under another name, "
             "or pass storage_options={'overwrite': True} to replace it"
         )
+    if exists and not same_weights:
+        with storage_errors("write checkpoint", uri):
+            current = protocol.read_manifest(uri, path)
+        manifest = _parsed(uri, current[0]) if current else None
+        needed = needed_reason(uri, manifest, storage_options, "keep", live_only=False) if manifest else None
+        if needed:
+            raise CheckpointConflictError(f"Cannot replace {uri}: {needed}; save under another name")
     with _indexed(protocol, path):
         return protocol.commit(uri, path, files, make_manifest, replace)
 
@@ -180,23 +194,28 @@ def delete_checkpoint(
     uri: str,
     storage_options: Mapping[str, Any] | None = None,
     keep: Callable[[Manifest], str | None] | None = None,
+    dependents: Dependents = "keep",
 ) -> Manifest | None:
     """Delete the checkpoint directory at ``uri`` so that it is never seen half-deleted.
 
     ``keep`` is judged on the manifest current at the moment of the deletion (compare-and-swap): a
-    checkpoint published, pinned or given a new TTL since the caller looked at it is kept.
+    checkpoint published, pinned or given a new TTL since the caller looked at it is kept. So is a snapshot that
+    delta snapshots need (soft-deleted ones too: they may be restored), as ``dependents`` says.
 
     Args:
         uri: the checkpoint directory's URI.
         storage_options: fsspec options of the filesystem.
         keep: returns why the checkpoint must stay (None: delete it); not called for a folder without a manifest.
+        dependents: what to do if deltas need the checkpoint: ``"keep"`` it (logged), ``"refuse"`` (raise), or
+            ``"cascade"``: delete them first (each judged by ``keep`` too), then it.
 
     Returns:
         The manifest of the deleted checkpoint; None if there was none (what was there is removed) or
         ``keep`` kept it (logged with its reason).
 
     Raises:
-        CheckpointConflictError: the manifest kept changing under ``UPDATE_ATTEMPTS`` tries.
+        CheckpointConflictError: the manifest kept changing under ``UPDATE_ATTEMPTS`` tries, or deltas need the
+            checkpoint and ``dependents`` is ``"refuse"``.
         CheckpointWriteError: the storage kept failing.
     """
     protocol, path = open_protocol(uri, storage_options)
@@ -206,6 +225,8 @@ def delete_checkpoint(
             version = current[1] if current else None
             manifest = _parsed(uri, current[0]) if current else None
             reason = keep(manifest) if keep is not None and manifest is not None else None
+            if reason is None and manifest is not None:
+                reason = needed_reason(uri, manifest, storage_options, dependents, live_only=False, keep=keep)
             if reason is not None:
                 log.warning("Not deleting checkpoint %s: %s", uri, reason)
                 return None
@@ -214,6 +235,51 @@ def delete_checkpoint(
             if deleted:
                 return manifest
     raise CheckpointConflictError(f"Checkpoint {uri} kept changing while it was deleted; try again")
+
+
+def needed_reason(
+    uri: str,
+    manifest: Manifest,
+    storage_options: Mapping[str, Any] | None,
+    dependents: Dependents = "keep",
+    live_only: bool = False,
+    keep: Callable[[Manifest], str | None] | None = None,
+) -> str | None:
+    """Why the snapshot at ``uri`` must stay for the deltas that need it, or None (no deltas, or not a snapshot).
+
+    Args:
+        uri: the checkpoint directory's URI.
+        manifest: its current manifest.
+        storage_options: fsspec options of the filesystem.
+        dependents: ``"keep"`` (return the reason), ``"refuse"`` (raise it) or ``"cascade"`` (delete the deltas,
+            each judged by ``keep``, then look again).
+        live_only: count only deltas that are not soft-deleted (a soft delete of the parent: its files stay).
+        keep: what judges each delta a cascade deletes.
+
+    Returns:
+        The reason, naming the deltas, or None.
+
+    Raises:
+        CheckpointConflictError: deltas need it and ``dependents`` is ``"refuse"``.
+    """
+    protocol, path = open_protocol(uri, storage_options)
+    with storage_errors("list checkpoints", uri):
+        found = [
+            d for d in find_dependents(protocol, uri, path, manifest) if not live_only or not d.manifest.deleted_at
+        ]
+        if found and dependents == "cascade":
+            for link in found:
+                delete_checkpoint(link.uri, storage_options, keep, "cascade")
+            found = find_dependents(protocol, uri, path, manifest)
+    if not found:
+        return None
+    reason = (
+        f"delta snapshot(s) {sorted(link.manifest.name for link in found)[:5]} need it (rebuilt from it); delete "
+        "them first, compact them into bases (lightning-lora-ckpt compact URI), or delete with cascade"
+    )
+    if dependents == "refuse":
+        raise CheckpointConflictError(f"Cannot delete {uri}: {reason}")
+    return reason
 
 
 def _parsed(uri: str, raw: bytes) -> Manifest | None:
@@ -249,7 +315,8 @@ def retire_checkpoint(
 
     Its files stay as they are; it is no longer listed, resumed from or returned by
     ``CheckpointStore.get``, until ``CheckpointStore.restore`` clears the mark or ``CheckpointStore.gc``
-    purges it after the grace period. This is how retention policies delete.
+    purges it after the grace period. This is how retention policies delete. A snapshot that a live (not
+    soft-deleted) delta needs is kept.
 
     A published or pinned checkpoint is never retired, and ``keep`` is asked too, both on the manifest
     current at the moment of the write: one published, pinned or otherwise changed since the caller looked
@@ -276,7 +343,11 @@ def retire_checkpoint(
         kept.clear()  # judged again on each manifest read
         if manifest.deleted_at is not None:
             return manifest
-        reason = (keep(manifest) if keep is not None else None) or protected_reason(manifest)
+        reason = (
+            (keep(manifest) if keep is not None else None)
+            or protected_reason(manifest)
+            or needed_reason(uri, manifest, storage_options, "keep", live_only=True)
+        )
         if reason is not None:
             kept.append(reason)
             return manifest

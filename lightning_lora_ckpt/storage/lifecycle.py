@@ -22,8 +22,24 @@ from ..format.manifest import Manifest
 from ..format.records import Checkpoint
 from ..format.strict_json import iso_time, utcnow
 from ..format.ttl import parse_duration
-from ..policy.retention import PINNED, PUBLISHED, Retention, RetentionPlan, expired, kept_reason, plan_retention
-from .commit import delete_checkpoint, deleted_error, protected_reason, restore_checkpoint, retire_checkpoint
+from ..policy.retention import (
+    NEEDED_BY_DELTA,
+    PINNED,
+    PUBLISHED,
+    Retention,
+    RetentionPlan,
+    expired,
+    kept_reason,
+    plan_retention,
+)
+from .commit import (
+    delete_checkpoint,
+    deleted_error,
+    needed_reason,
+    protected_reason,
+    restore_checkpoint,
+    retire_checkpoint,
+)
 from .fs import CheckpointConflictError
 from .index import STALE_INTENT_AFTER, RunIndex
 from .listing import stale_leftovers
@@ -214,9 +230,13 @@ class Lifecycle:
         if dry_run:
             done = todo
         else:  # each deletion is one manifest compare-and-swap: a few of them in flight at once
-            with ThreadPoolExecutor(max_workers=max(1, min(RETIRE_WORKERS, len(todo)))) as pool:
-                retired = list(pool.map(lambda c: self._retire(c.path, late), todo))
-            done = [c for c, ok in zip(todo, retired, strict=True) if ok]
+            # Snapshots one at a time, newest first: a delta is retired before the parent it needs is judged.
+            chains, others = [c for c in todo if c.snapshot], [c for c in todo if not c.snapshot]
+            with ThreadPoolExecutor(max_workers=max(1, min(RETIRE_WORKERS, len(others)))) as pool:
+                outcomes = pool.map(lambda c: self._retire(c.path, late), others)
+                retired = dict(zip([c.path for c in others], outcomes, strict=True))
+            retired.update((c.path, self._retire(c.path, late)) for c in _newest_first(chains))
+            done = [c for c in todo if retired[c.path]]
         kept = plan.keep + [c for c in plan.delete if c.path in late]
         if len(done) == len(plan.delete):
             return plan
@@ -230,25 +250,31 @@ class Lifecycle:
             reason = protected_reason(manifest)
             if reason is not None:  # in the plan's words
                 kept[path] = PUBLISHED if manifest.public else PINNED
+                return reason
+            reason = needed_reason(path, manifest, self.storage_options, live_only=True)
+            if reason is not None:
+                kept[path] = NEEDED_BY_DELTA
             return reason
 
         return retire_checkpoint(path, self.storage_options, keep) is not None
 
     # -- deletion -----------------------------------------------------------------------------------
-    def delete(self, uri: str) -> Checkpoint:
+    def delete(self, uri: str, cascade: bool = False) -> Checkpoint:
         """Delete a committed checkpoint now, for good (its manifest first, so it is never seen half-deleted).
 
         A soft-deleted checkpoint is purged at once. A pinned one is refused, judged at the moment of the
-        deletion.
+        deletion, and so is a snapshot that delta snapshots need (soft-deleted ones too), unless ``cascade``.
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://run/kind/name``).
+            cascade: first delete the delta snapshots that need it (and theirs), each refused if pinned.
 
         Returns:
             The record of the deleted checkpoint.
 
         Raises:
-            CheckpointConflictError: the checkpoint is pinned.
+            CheckpointConflictError: the checkpoint (or, with ``cascade``, a delta that needs it) is pinned, or
+                deltas need it and not ``cascade``.
             CheckpointFormatError: there is no committed checkpoint at ``uri``, or its manifest is invalid.
             CheckpointWriteError: the storage kept failing.
             ValueError: ``uri`` is a malformed ``lora://`` URI.
@@ -263,7 +289,7 @@ class Lifecycle:
                 )
             return None
 
-        delete_checkpoint(uri, self.storage_options, refuse_pinned)
+        delete_checkpoint(uri, self.storage_options, refuse_pinned, "cascade" if cascade else "refuse")
         return checkpoint
 
     def gc(
@@ -273,10 +299,13 @@ class Lifecycle:
         incomplete_after: float | str = INCOMPLETE_AFTER,
         only: Collection[str] | None = None,
         grace: float | str = DELETE_GRACE,
+        cascade: bool = False,
     ) -> list[Checkpoint]:
         """Delete expired checkpoints and purge soft-deleted ones, and return them (``dry_run``: only return them).
 
-        Never deleted: a run's newest training checkpoint, a public or a pinned checkpoint. A soft-deleted
+        Never deleted: a run's newest training checkpoint, a public or a pinned checkpoint, a snapshot that delta
+        snapshots need (unless ``cascade``: then they go first; due ones are deleted newest first, so a chain
+        whose links are all due goes in one pass). A soft-deleted
         checkpoint is purged once ``grace`` has passed since its deletion, or its TTL has expired (a TTL
         deletes for good, soft-deleted or not). What interrupted writes left behind (see :meth:`incomplete`)
         is removed too, once its newest file is older than ``incomplete_after`` on the real clock (``now``
@@ -292,6 +321,7 @@ class Lifecycle:
             incomplete_after: how old (seconds, or a duration like ``"1d"``) a leftover's newest file must be.
             only: if given, the URIs (``Checkpoint.path``, :meth:`incomplete`'s URIs) that may be deleted.
             grace: how long (seconds, or a duration like ``"24h"``) a soft-deleted checkpoint stays restorable.
+            cascade: delete the delta snapshots that need an expired or purged snapshot with it.
 
         Returns:
             The expired and the purged soft-deleted checkpoints deleted (or, with ``dry_run``, to be deleted).
@@ -321,8 +351,10 @@ class Lifecycle:
             def still_expired(manifest: Manifest) -> str | None:
                 return kept_reason(Checkpoint.from_manifest(manifest, self.root), now)
 
-            doomed = [c for c in doomed if self._delete_if(c, still_expired)]
-            purged = [c for c in purged if self._delete_if(c, lambda m: _purge_reason(m, now, wait))]
+            doomed = [c for c in _newest_first(doomed) if self._delete_if(c, still_expired, cascade)]
+            purged = [
+                c for c in _newest_first(purged) if self._delete_if(c, lambda m: _purge_reason(m, now, wait), cascade)
+            ]
             for unit, members in leftovers.items():
                 with contextlib.suppress(FileNotFoundError):  # already gone: its writer or another gc finished it
                     self._protocol.remove_leftover(unit, members)
@@ -342,9 +374,11 @@ class Lifecycle:
             log.warning("gc: the listing index of run %s disagreed with its manifests; rewriting it", run_id)
             index.rebuild(clock)
 
-    def _delete_if(self, checkpoint: Checkpoint, keep: Callable[[Manifest], str | None]) -> bool:
+    def _delete_if(self, checkpoint: Checkpoint, keep: Callable[[Manifest], str | None], cascade: bool) -> bool:
         """Delete a checkpoint the scan found due, judged again by ``keep`` on its manifest at the moment."""
-        return delete_checkpoint(checkpoint.path, self.storage_options, keep) is not None
+        return (
+            delete_checkpoint(checkpoint.path, self.storage_options, keep, "cascade" if cascade else "keep") is not None
+        )
 
     def incomplete(self, older_than: float | str = 0) -> list[str]:
         """URIs of what interrupted writes left, whose newest file is older than ``older_than`` (seconds or "1d").
@@ -380,6 +414,11 @@ class Lifecycle:
     def _uri_of(self, path: str) -> str:
         """The URI under the root of a path from this store's filesystem."""
         return self._uri(path[len(self._root_path.rstrip("/")) + 1 :])
+
+
+def _newest_first(checkpoints: list[Checkpoint]) -> list[Checkpoint]:
+    """Newest first: a delta snapshot (always saved after its parent) goes before the parent it needs."""
+    return sorted(checkpoints, key=lambda c: (c.time, c.step), reverse=True)
 
 
 def _set_pinned(manifest: Manifest, pinned: bool, uri: str) -> Manifest:

@@ -16,6 +16,7 @@ from ..format.layout import resolve
 from ..format.manifest import STATE_FILES, BaseModelRef, Manifest
 from ..format.payload import CheckpointPayload
 from ..format.strict_json import CheckpointFormatError, iso_time
+from .chain import rebuild_weights
 from .read import read_checkpoint
 
 
@@ -27,7 +28,7 @@ class OpenedCheckpoint:
     Attributes:
         uri: the checkpoint directory's resolved URI.
         manifest: its validated manifest.
-        files: the verified bytes of the files read, by file name.
+        files: the verified bytes of the files read, by file name (a delta snapshot's: the full files it stands for).
         payload: their decoded contents.
     """
 
@@ -70,7 +71,8 @@ def open_checkpoint(
 
     Returns:
         The opened checkpoint: one committed version, whole, even if it was replaced while it was read; its
-        payload holds the training state only ``with_state``.
+        payload holds the training state only ``with_state``. A delta snapshot's weights are rebuilt through its
+        chain (``storage.chain``): ``files`` holds the full model directory.
 
     Raises:
         CheckpointFormatError: the checkpoint is missing, damaged or malformed, or was deleted (or kept being
@@ -92,4 +94,5 @@ def open_checkpoint(
         return [n for n in manifest.files if with_state is not False or n not in STATE_FILES]
 
     manifest, files = read_checkpoint(resolved, names, storage_options, deadline_s=deadline_s)
+    files = rebuild_weights(resolved, manifest, files, storage_options)
     return OpenedCheckpoint(resolved, manifest, files, CheckpointPayload.from_files(manifest, files, resolved))

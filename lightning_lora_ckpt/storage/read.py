@@ -27,7 +27,6 @@ from ..format.digests import digest_hex, read_with_digest
 from ..format.files import ReadBytes
 from ..format.layout import join
 from ..format.manifest import MANIFEST, MAX_MANIFEST_BYTES, FileEntry, Manifest
-from ..format.records import VerifyReport
 from ..format.strict_json import CheckpointFormatError
 from .commit import CommitProtocol, open_protocol
 
@@ -56,7 +55,7 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     Raises:
         CheckpointFormatError: there is no manifest at ``uri``, or it is invalid.
     """
-    manifest = _manifest_if_any(uri, storage_options)
+    manifest = manifest_if_any(uri, storage_options)
     if manifest is None:
         raise CheckpointFormatError(
             f"No checkpoint at {uri}: {MANIFEST} is missing (not a checkpoint directory, or its save never completed)"
@@ -64,8 +63,19 @@ def read_manifest(uri: str, storage_options: Mapping[str, Any] | None = None) ->
     return manifest
 
 
-def _manifest_if_any(uri: str, storage_options: Mapping[str, Any] | None) -> Manifest | None:
-    """The validated manifest at ``uri``, or None if there is none."""
+def manifest_if_any(uri: str, storage_options: Mapping[str, Any] | None = None) -> Manifest | None:
+    """The validated manifest of the checkpoint at ``uri``, or None if there is none.
+
+    Args:
+        uri: the checkpoint directory's URI.
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The manifest, or None.
+
+    Raises:
+        CheckpointFormatError: the manifest is invalid.
+    """
     protocol, path = open_protocol(uri, storage_options)
     try:
         raw = _read_member(protocol, uri, path, MANIFEST, MAX_MANIFEST_BYTES)
@@ -94,17 +104,27 @@ def read_files(
     Raises:
         CheckpointFormatError: a file is missing, unsafe, or differs from its manifest entry.
     """
-    files, damage = _read_each(uri, manifest, names, storage_options)
+    files, damage = read_each(uri, manifest, names, storage_options)
     for name in names:
         if name in damage:
             raise damage[name]
     return files
 
 
-def _read_each(
+def read_each(
     uri: str, manifest: Manifest, names: list[str], storage_options: Mapping[str, Any] | None
 ) -> tuple[dict[str, ReadBytes], dict[str, CheckpointFormatError]]:
-    """Read and check each of ``names``: the verified bytes of the good ones, the error of each other one."""
+    """Read and check each of ``names`` against the manifest, not stopping at the first damaged one.
+
+    Args:
+        uri: the checkpoint directory's URI.
+        manifest: its manifest.
+        names: the files to read; each must be listed in the manifest.
+        storage_options: fsspec options of the filesystem.
+
+    Returns:
+        The verified bytes of the good files, and the error of each other one, by name.
+    """
     protocol, path = open_protocol(uri, storage_options)
 
     def checked(name: str) -> ReadBytes:
@@ -256,7 +276,7 @@ def _manifest_after_damage(uri: str, storage_options: Mapping[str, Any] | None, 
     delay = _POLL_FIRST_S
     while True:
         started = time.monotonic()
-        manifest = _manifest_if_any(uri, storage_options)
+        manifest = manifest_if_any(uri, storage_options)
         if manifest is not None:
             return manifest
         if budget.seconds <= 0:
@@ -305,50 +325,3 @@ def check_file(uri: str, name: str, expected: FileEntry, size: int, digest: str)
             f"Checkpoint {uri} is damaged: {name} has {size} bytes and {expected.algorithm} {digest[:12]}, "
             f"the manifest says {expected.size} bytes and {expected.digest[:12]}"
         )
-
-
-def verify_checkpoint(
-    uri: str,
-    storage_options: Mapping[str, Any] | None = None,
-    *,
-    deadline_s: float | None = None,
-    max_attempts: int | None = None,
-) -> VerifyReport:
-    """Check every file of the checkpoint at ``uri`` against the manifest's size and sha256, then that it decodes
-    (checksums alone do not catch a forged manifest); damage is reported, not raised.
-
-    A checkpoint replaced while it is verified is verified again in the version found then (see
-    :func:`read_checkpoint`); the report is about the version last read.
-
-    Args:
-        uri: the checkpoint directory's URI (not a ``lora://`` URI: resolve it first).
-        storage_options: fsspec options of the filesystem.
-        deadline_s: the most seconds spent waiting for a replaced checkpoint's manifest
-            (:data:`READ_DEADLINE_S` if None).
-        max_attempts: how many manifests to try (:data:`READ_ATTEMPTS` if None).
-
-    Returns:
-        The report: the sizes the manifest of that version lists, and one problem per damaged file or for
-        contents that do not decode.
-
-    Raises:
-        CheckpointFormatError: there is no committed checkpoint at ``uri``, its manifest is invalid, or it was
-            deleted or kept being replaced while it was verified.
-    """
-
-    def attempt(manifest: Manifest) -> tuple[tuple[list[str], dict[str, ReadBytes]], CheckpointFormatError | None]:
-        files, damage = _read_each(uri, manifest, list(manifest.files), storage_options)
-        errors = [damage[name] for name in manifest.files if name in damage]
-        return ([str(err) for err in errors], files), (errors[0] if errors else None)
-
-    manifest, (problems, files), damage = consistent_read(
-        uri, attempt, storage_options, deadline_s=deadline_s, max_attempts=max_attempts
-    )
-    if damage is None:
-        from ..format.payload import CheckpointPayload  # imports torch: not for every command line start-up
-
-        try:
-            CheckpointPayload.from_files(manifest, files, uri).state(uri)
-        except CheckpointFormatError as err:
-            problems.append(str(err))
-    return VerifyReport(uri, {n: f.size for n, f in manifest.files.items()}, problems)

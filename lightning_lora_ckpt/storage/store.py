@@ -23,11 +23,13 @@ from ..format.ttl import parse_duration
 from ..policy.retention import checkpoint_order, newest
 from .archive import Progress, archive, download
 from .commit import protocol_for, update_manifest
+from .compaction import compact
 from .fs import CheckpointConflictError, url_to_fs
 from .index import IndexReport, RunIndex
 from .lifecycle import DELETE_GRACE, INCOMPLETE_AFTER, DeletedCheckpoint, Lifecycle, check_live
 from .listing import scan
-from .read import read_manifest, verify_checkpoint
+from .read import read_manifest
+from .verify import verify_checkpoint
 
 __all__ = ["DELETE_GRACE", "INCOMPLETE_AFTER", "CheckpointStore", "DeletedCheckpoint"]
 
@@ -402,6 +404,28 @@ class CheckpointStore(Lifecycle):
             ValueError: ``uri`` is a malformed ``lora://`` URI.
         """
         return download(self.resolve(uri), output_dir, self.storage_options, progress)
+
+    def compact(self, uri: str) -> Checkpoint:
+        """Rewrite a delta snapshot as a base: its weights rebuilt through its chain and written whole, atomically.
+
+        Its name, metadata and full weights stay (so deltas taken against it still rebuild); its parent is no
+        longer needed and may be deleted.
+
+        Args:
+            uri: the checkpoint (any fsspec URI, local path or ``lora://run/sampler_weights/name``).
+
+        Returns:
+            The record of the compacted checkpoint (``snapshot`` ``"base"``).
+
+        Raises:
+            CheckpointConflictError: it is not a delta snapshot, or it is published or pinned (unpublish or unpin it
+                first).
+            CheckpointFormatError: it is missing or damaged, or its chain is broken.
+            CheckpointWriteError: the storage kept failing.
+            ValueError: ``uri`` is a malformed ``lora://`` URI.
+        """
+        resolved = self.resolve(uri)
+        return Checkpoint.from_manifest(compact(resolved, self.storage_options), resolved)
 
     def archive(self, uri: str, tar_path: str, progress: Progress | None = None) -> str:
         """Write a verified checkpoint as a ``.tar`` (``.tar.gz`` if the name ends so) at ``tar_path`` (any URI).

@@ -16,6 +16,7 @@ from ..storage.fs import CheckpointWriteError
 from ..storage.store import DELETE_GRACE, INCOMPLETE_AFTER, CheckpointStore
 from .commands import (
     cmd_archive,
+    cmd_compact,
     cmd_convert,
     cmd_delete,
     cmd_download,
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = add("delete", cmd_delete, "delete checkpoints now, for good (a soft-deleted one too; never a pinned one)")
     p.add_argument("uris", nargs="+")
+    p.add_argument("--cascade", action="store_true", help="also delete the delta snapshots that need a checkpoint")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     p = add(
         "gc",
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--cascade", action="store_true", help="also delete the delta snapshots a due snapshot has")
     p.add_argument(
         "--incomplete-after",
         type=_age,
@@ -182,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("reindex", cmd_reindex, "rewrite the listing index of a run (of every run) from its manifests")
     p.add_argument("run_id", nargs="?")
+    add("compact", cmd_compact, "rewrite a delta snapshot as a base: its full weights, written whole", "uri")
     add("download", cmd_download, "copy a checkpoint into a local directory, verifying every file", "uri", "output_dir")
     add("archive", cmd_archive, "write a checkpoint as a .tar or .tar.gz (any URI)", "uri", "tar_path")
     add("extract", cmd_extract, "safely extract a checkpoint archive", "tar_path", "output_dir")

@@ -156,6 +156,7 @@ def cmd_info(store: CheckpointStore, args: argparse.Namespace, console: Console)
         "content_sha256": manifest.content_sha256,
         "files": {n: f.to_json() for n, f in manifest.files.items()},
         "versions": manifest.versions,
+        **({"rebuilds": {n: f.to_json() for n, f in manifest.rebuilds.items()}} if manifest.rebuilds else {}),
     }
     if args.json:
         return info
@@ -270,7 +271,7 @@ def cmd_delete(store: CheckpointStore, args: argparse.Namespace, console: Consol
             )
     _confirm(args, f"Delete {len(checkpoints)} checkpoint(s): {', '.join(c.path for c in checkpoints)}?")
     for c in checkpoints:
-        store.delete(c.path)
+        store.delete(c.path, cascade=args.cascade)
         if not args.json:
             console.print(f"deleted {c.path}")
     return [c.to_dict() for c in checkpoints]
@@ -284,7 +285,7 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
         RuntimeError: the confirmation was declined, or cannot be asked (stdin is not a terminal, no ``-y``).
         CheckpointWriteError: the storage kept failing.
     """
-    planned = store.gc(dry_run=True, incomplete_after=args.incomplete_after, grace=args.grace)
+    planned = store.gc(dry_run=True, incomplete_after=args.incomplete_after, grace=args.grace, cascade=args.cascade)
     leftovers = store.incomplete(args.incomplete_after)
     if (planned or leftovers) and not args.dry_run:
         listed = [c.path for c in planned] + leftovers
@@ -294,7 +295,7 @@ def cmd_gc(store: CheckpointStore, args: argparse.Namespace, console: Console) -
             f"interrupted writes: {', '.join(listed)}?",
         )
         # what was listed, never more
-        planned = store.gc(incomplete_after=args.incomplete_after, only=listed, grace=args.grace)
+        planned = store.gc(incomplete_after=args.incomplete_after, only=listed, grace=args.grace, cascade=args.cascade)
     if not args.json:
         verb = "would delete" if args.dry_run else "deleted"
         console.print(_checkpoint_table(f"gc {verb} {len(planned)} checkpoint(s)", planned))
@@ -316,6 +317,17 @@ def cmd_reindex(store: CheckpointStore, args: argparse.Namespace, console: Conso
             changes = f"+{len(r.added)} -{len(r.removed)} ~{len(r.changed)}"
             console.print(f"{r.run_id}: index was {r.previous}; {r.checkpoints} checkpoint(s) ({changes})")
     return [r.to_dict() for r in reports]
+
+
+def cmd_compact(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
+    """``compact``: rewrite a delta snapshot as a base (its weights whole, the same bytes).
+
+    Raises:
+        CheckpointConflictError: it is not a delta snapshot, or it is published or pinned.
+        CheckpointFormatError: it is missing or damaged, or its chain is broken.
+    """
+    checkpoint = store.compact(args.uri)
+    return _say(args, console, checkpoint, f"compacted {checkpoint.path} into a base")
 
 
 def cmd_download(store: CheckpointStore, args: argparse.Namespace, console: Console) -> Any:
