@@ -151,3 +151,19 @@ def test_markdown_agrees_with_json(quick_run: tuple[dict[str, Any], str]) -> Non
         assert line.endswith("| PASS |" if target["pass"] else "| **MISS** |")
         assert f"| {target['value']:.4f} |" in line
     assert result["machine"]["cpu"] in markdown
+
+
+def test_full_parameter_benchmark_measures_a_real_chain(tmp_path: Path) -> None:
+    """``benchmarks/full_parameter.py`` on the tiny model: the plugin's base and deltas, rebuilt through the chain."""
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "full_parameter.py"), "--base-model", "tiny-qwen3", "--steps", "4"]
+        + ["--every", "2", "--repeats", "1", "--workdir", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    rows = json.loads(out.stdout)["rows"]
+    assert rows["snapshot.deltas"]["steps"] == [2, 4] and rows["rebuild.chain"]["deltas"] == 2
+    assert all(0 < b < rows["snapshot.base"]["bytes"] for b in rows["snapshot.deltas"]["bytes"])
+    assert rows["snapshot.newest_against_base"]["bytes"] > 0 and rows["save.floor"]["bytes"] > 0
