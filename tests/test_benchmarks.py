@@ -155,9 +155,9 @@ def test_markdown_agrees_with_json(quick_run: tuple[dict[str, Any], str]) -> Non
 
 def test_full_parameter_benchmark_measures_a_real_chain(tmp_path: Path) -> None:
     """``benchmarks/full_parameter.py`` on the tiny model: the plugin's base and deltas, rebuilt through the chain."""
+    args = ["--base-model", "tiny-qwen3", "--steps", "4", "--every", "2", "--repeats", "1", "--workdir", str(tmp_path)]
     out = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "full_parameter.py"), "--base-model", "tiny-qwen3", "--steps", "4"]
-        + ["--every", "2", "--repeats", "1", "--workdir", str(tmp_path)],
+        [sys.executable, str(BENCHMARKS / "full_parameter.py"), *args],
         check=True,
         capture_output=True,
         text=True,

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from lightning_lora_ckpt import CheckpointStore
+from lightning_lora_ckpt.storage.loading import open_checkpoint
 
 JOB = Path(__file__).parent / "support" / "distributed_job.py"  # run as a script
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs the gloo backend")
@@ -130,6 +131,26 @@ def test_full_parameter_checkpoints_are_one_model_directory_whatever_the_world_s
         assert_same(single, full_runs[name])
         assert sorted(p.name for p in full_runs[name].iterdir()) == sorted(p.name for p in single.iterdir())
         assert (full_runs[name] / "config.json").read_bytes() == (single / "config.json").read_bytes()
+
+
+@pytest.mark.stress
+def test_full_parameter_snapshot_chains_whatever_the_world_size(full_runs: dict[str, Path]) -> None:
+    """Under DDP and FSDP2 the writing rank keeps the chain: a base, then deltas, rebuilt to the same weights."""
+    store = CheckpointStore(str(full_runs["single"].parents[2]))
+
+    def snapshots(run_id: str) -> list[tuple[str | None, dict[str, torch.Tensor]]]:
+        listed = [c for c in store.list_checkpoints(run_id) if c.checkpoint_type == "sampler"]
+        return [(c.snapshot, open_checkpoint(c.path).adapter) for c in listed]
+
+    single = snapshots("single")
+    assert [s for s, _ in single] == ["base", "delta", "delta", "delta"]
+    for name in ("ddp", "fsdp2"):
+        chain = snapshots(name)
+        assert [s for s, _ in chain] == [s for s, _ in single]
+        for (_, ours), (_, theirs) in zip(chain, single, strict=True):
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                torch.testing.assert_close(ours[key], theirs[key], rtol=1e-3, atol=5e-4, msg=key)
 
 
 @pytest.mark.stress

@@ -58,9 +58,10 @@ class LogitsAfterEachStep(L.Callback):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """4 full-parameter steps with sampler and training checkpoints every 2 steps (asynchronous saves)."""
+    """4 full-parameter steps with sampler and training checkpoints every 2 steps (asynchronous saves); every
+    snapshot a base (``max_deltas=0``: tests/test_snapshot_chains.py has the chains)."""
     root = str(tmp_path_factory.mktemp("full") / "ckpts")
-    io = LoRACheckpointIO(root=root, run_id="full")
+    io = LoRACheckpointIO(root=root, run_id="full", max_deltas=0)
     module, recorder = LoRAModule(**FULL_KWARGS), LogitsAfterEachStep()
     saver = PeriodicCheckpoint(every_n_train_steps=2, kind="both", save_final=False)
     make_trainer(io, max_steps=4, callbacks=[recorder, saver]).fit(module, batch_loader())
@@ -120,8 +121,10 @@ def test_sampling_client_serves_the_checkpoints_own_model(full_run: dict[str, An
     expected = torch.log_softmax(full_run["logits"][2][0, :-1], dim=-1).gather(-1, IDS[0, 1:, None])[:, 0]
     assert client.compute_logprobs(IDS[0].tolist())[1:] == pytest.approx(expected.tolist(), abs=1e-5)
     assert client.sample([1, 2, 3]).sequences[0].tokens
-    with pytest.raises(ValueError, match=r"full-parameter checkpoint .* has no adapter to swap"):
-        client.load_adapter("lora://full/sampler_weights/000004", root=full_run["root"])
+    model = client.model  # another full-parameter checkpoint goes into the same model's tensors
+    assert client.load_adapter("lora://full/sampler_weights/000004", root=full_run["root"]).name == "000004"
+    assert client.model is model
+    torch.testing.assert_close(logits_of(client.model), full_run["logits"][4], rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"trained on base model 'tiny-qwen3'.*onto 'tiny-llama'"):
         SamplingClient.from_checkpoint(uri, base_model="tiny-llama", root=full_run["root"])
 

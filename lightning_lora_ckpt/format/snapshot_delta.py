@@ -6,16 +6,20 @@ shapes and offsets), and after a few optimizer steps at a fine-tuning learning r
 same: the XOR is mostly zero bytes. Before compressing, each chunk of the XOR is split into byte planes (the even
 bytes, then the odd ones): the high byte of a bf16/fp16 value (sign, exponent, top of the mantissa) almost never
 changes, so its plane is nearly all zeros and compresses to almost nothing, where interleaved it would break up
-the zero runs. Chunks are compressed and rebuilt in parallel (zstandard and numpy release the GIL). A file whose
-size changed is not stored as a delta (the writer stores it whole).
+the zero runs. Each plane is then stored sparse: a bitmap of its nonzero bytes and the nonzero bytes themselves,
+each compressed with zstandard (zstandard alone spends a few bytes per isolated nonzero byte; after the first
+Adam steps, when one bf16 value in six moves by an ulp, the sparse form is about 1.4x smaller at the same speed).
+Chunks are compressed and rebuilt in parallel (zstandard and numpy release the GIL). A file whose size changed is
+not stored as a delta (the writer stores it whole).
 
 A delta file: ``MAGIC``, a 4-byte little-endian length, a JSON header ``{"size", "chunk", "frames"}`` (the
-rebuilt size, the chunk length, each frame's compressed length), then one zstandard frame per chunk.
+rebuilt size, the chunk length, each frame's compressed length), then four zstandard frames per chunk: the even
+plane's bitmap and values, then the odd plane's.
 
 Reading is bounded: the rebuilt file must have exactly the size its manifest states (the parent's size), every
-frame must state exactly its chunk's length before it is decompressed, the output is never larger than that,
-and the rebuilt bytes are then checked against the digest the manifest records for the full file, so a delta
-can only ever rebuild the exact file that was saved.
+frame must state exactly its length before it is decompressed (a bitmap: its plane's length in bits; values: the
+bits its bitmap sets), the output is never larger than that, and the rebuilt bytes are then checked against the
+digest the manifest records for the full file, so a delta can only ever rebuild the exact file that was saved.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from .strict_json import CheckpointFormatError, load_json_object
 
 #: Suffix of a file stored as a delta: ``model.safetensors`` -> ``model.safetensors.xor.zst``.
 DELTA_SUFFIX = ".xor.zst"
-MAGIC = b"LCKDELT1"
+MAGIC = b"LCKDELT2"
+#: zstandard frames per chunk: (bitmap, values) of the even plane, then of the odd one.
+FRAMES_PER_CHUNK = 4
 #: zstandard level of deltas: level 3 (zstd's default) compresses zero runs about as well as higher levels, faster.
 DELTA_LEVEL = 3
 #: Bytes of the file per frame (even, so byte planes never straddle chunks).
@@ -42,33 +48,14 @@ _MAX_HEADER_BYTES = 1 << 20
 Buffer = bytes | memoryview | bytearray
 
 
-def xor_bytes(a: Buffer, b: Buffer) -> bytearray:
-    """The byte-wise XOR of two buffers of the same length.
-
-    Args:
-        a: the first buffer.
-        b: the second buffer, as long as ``a``.
-
-    Returns:
-        A new buffer.
-
-    Raises:
-        ValueError: the lengths differ.
-    """
-    if len(a) != len(b):
-        raise ValueError(f"cannot XOR buffers of {len(a)} and {len(b)} bytes")
-    out = bytearray(len(a))
-    np.bitwise_xor(_u8(a), _u8(b), out=_u8(out))
-    return out
-
-
 def _u8(buffer: Buffer) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.uint8)
 
 
-def _planes(chunk: np.ndarray) -> bytes:
-    """The even bytes of ``chunk``, then its odd bytes."""
-    return chunk[0::2].tobytes() + chunk[1::2].tobytes()
+def _sparse(plane: np.ndarray, compress: Any) -> list[bytes]:
+    """A byte plane as two frames: the bitmap of its nonzero bytes, then those bytes."""
+    nonzero = plane != 0
+    return [compress(np.packbits(nonzero).tobytes()), compress(plane[nonzero].tobytes())]
 
 
 def encode_delta(parent: Buffer, child: Buffer) -> bytes | None:
@@ -87,14 +74,16 @@ def encode_delta(parent: Buffer, child: Buffer) -> bytes | None:
         return None
     left, right = _u8(parent), _u8(child)
 
-    def frame(start: int) -> bytes:
+    def frames(start: int) -> list[bytes]:
         xor = np.bitwise_xor(left[start : start + CHUNK], right[start : start + CHUNK])
-        return zstandard.ZstdCompressor(level=DELTA_LEVEL, write_content_size=True).compress(_planes(xor))
+        compress = zstandard.ZstdCompressor(level=DELTA_LEVEL, write_content_size=True).compress
+        return _sparse(xor[0::2], compress) + _sparse(xor[1::2], compress)
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        frames = list(pool.map(frame, range(0, len(parent), CHUNK))) if len(parent) else []
-    header = json.dumps({"size": len(parent), "chunk": CHUNK, "frames": [len(f) for f in frames]}).encode()
-    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *frames])
+        chunks = list(pool.map(frames, range(0, len(parent), CHUNK))) if len(parent) else []
+    flat = [frame for chunk in chunks for frame in chunk]
+    header = json.dumps({"size": len(parent), "chunk": CHUNK, "frames": [len(f) for f in flat]}).encode()
+    return b"".join([MAGIC, struct.pack("<I", len(header)), header, *flat])
 
 
 def apply_delta(target: bytearray | memoryview, delta: Buffer, source: str) -> None:
@@ -118,16 +107,24 @@ def apply_delta(target: bytearray | memoryview, delta: Buffer, source: str) -> N
     chunk, frames = _header(delta, size, source)
     out = _u8(target)
 
+    def plane(frames: list[tuple[int, int]], length: int) -> np.ndarray:
+        (bits_at, bits_len), (values_at, values_len) = frames
+        bitmap = _decompress(memoryview(delta)[bits_at : bits_at + bits_len], -(-length // 8), source)
+        nonzero = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=length).astype(bool)
+        values = _decompress(memoryview(delta)[values_at : values_at + values_len], int(nonzero.sum()), source)
+        xor = np.zeros(length, dtype=np.uint8)
+        xor[nonzero] = np.frombuffer(values, dtype=np.uint8)
+        return xor
+
     def rebuild(index: int) -> None:
-        start, (offset, length) = index * chunk, frames[index]
-        end = min(start + chunk, size)
-        xor = _u8(_decompress(memoryview(delta)[offset : offset + length], end - start, source))
+        start = index * chunk
+        end, mine = min(start + chunk, size), frames[FRAMES_PER_CHUNK * index : FRAMES_PER_CHUNK * (index + 1)]
         half = (end - start + 1) // 2
-        np.bitwise_xor(out[start:end:2], xor[:half], out=out[start:end:2])
-        np.bitwise_xor(out[start + 1 : end : 2], xor[half:], out=out[start + 1 : end : 2])
+        np.bitwise_xor(out[start:end:2], plane(mine[:2], half), out=out[start:end:2])
+        np.bitwise_xor(out[start + 1 : end : 2], plane(mine[2:], end - start - half), out=out[start + 1 : end : 2])
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        list(pool.map(rebuild, range(len(frames))))
+        list(pool.map(rebuild, range(len(frames) // FRAMES_PER_CHUNK)))
 
 
 def _header(delta: Buffer, size: int, source: str) -> tuple[int, list[tuple[int, int]]]:
@@ -152,10 +149,10 @@ def _header(delta: Buffer, size: int, source: str) -> tuple[int, list[tuple[int,
         raise bad("the chunk length is not a positive even number")
     if (
         not isinstance(lengths, list)
-        or len(lengths) != -(-size // chunk)
+        or len(lengths) != FRAMES_PER_CHUNK * -(-size // chunk)
         or not all(type(n) is int and n > 0 for n in lengths)
     ):
-        raise bad(f"it does not hold one frame per {chunk}-byte chunk of {size} bytes")
+        raise bad(f"it does not hold {FRAMES_PER_CHUNK} frames per {chunk}-byte chunk of {size} bytes")
     offsets, position = [], start + length
     for n in lengths:
         offsets.append((position, n))
@@ -175,7 +172,7 @@ def _decompress(frame: memoryview, expected: int, source: str) -> bytes:
         raise CheckpointFormatError(f"Delta {source} holds a frame that is not zstandard: {err}") from None
     if stated != expected:
         raise CheckpointFormatError(
-            f"Delta {source} holds a frame stating {stated} bytes where its chunk has {expected}; refusing it"
+            f"Delta {source} holds a frame stating {stated} bytes where it must hold {expected}; refusing it"
         )
     try:
         data = zstandard.ZstdDecompressor().decompress(bytes(frame), max_output_size=expected)

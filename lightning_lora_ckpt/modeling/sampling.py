@@ -1,8 +1,8 @@
 """Inference from sampler weights: ``SamplingClient`` and ``SamplingParams`` (Tinker's sampling API).
 
 A client holds one base model and one LoRA adapter, or one full model (a full-parameter checkpoint).
-``load_adapter`` swaps in another adapter of the same base without touching the base weights (hotload);
-``identity`` always says which checkpoint it serves.
+``load_adapter`` swaps in another adapter of the same base without touching the base weights, or another
+full-parameter checkpoint's weights into the same model (hotload); ``identity`` always says which checkpoint it serves.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ..storage.loading import OpenedCheckpoint, open_checkpoint
 from .base import float_dtype, load_tokenizer
 from .full_model import check_named_base, load_full_model
 from .peft_adapter import LORA_FIELDS, adapter_state_dict, build_peft_model, check_adapter_tensors, saved_lora_config
+from .snapshot_hotload import NO_ADAPTER, Hotloaded, ServedWeights, load_weights_in_place
 
 #: ``quantization`` of :meth:`SamplingClient.from_checkpoint` that rebuilds the base as it was in training.
 AS_TRAINED = "as-trained"
@@ -107,7 +108,8 @@ class AdapterIdentity:
 class SamplingClient:
     """Samples from a base model with one LoRA adapter, or from a full model (see :meth:`from_checkpoint`).
 
-    The arguments are kept as attributes of the same names.
+    The arguments are kept as attributes of the same names; ``last_hotload`` is the outcome of the last
+    full-parameter :meth:`load_adapter` (``in_place``: whether a delta was applied to the weights in memory), or None.
 
     Args:
         model: the base with its adapter, or a full model (set to eval mode).
@@ -131,6 +133,8 @@ class SamplingClient:
         self.identity = identity
         self.max_seq_len = max_seq_len
         self._adapters = 0
+        self._served: ServedWeights | None = None  # a full model loaded from a checkpoint: what it serves
+        self.last_hotload: Hotloaded | None = None
 
     @classmethod
     def from_checkpoint(
@@ -217,19 +221,28 @@ class SamplingClient:
         model, tokenizer = load_full_model(
             opened.payload.model_files or {}, opened.adapter, recorded, float_dtype(dtype, "dtype"), opened.uri
         )
-        return cls(model, tokenizer or load_tokenizer(recorded.name_or_path), recorded, identity, max_seq_len)
+        client = cls(model, tokenizer or load_tokenizer(recorded.name_or_path), recorded, identity, max_seq_len)
+        client._served = ServedWeights.of(opened)
+        return client
 
     # -- hotload ----------------------------------------------------------------------------------
     def load_adapter(
         self, uri: str | os.PathLike[str], root: str | None = None, storage_options: dict[str, Any] | None = None
     ) -> AdapterIdentity:
-        """Serve another adapter of the same base (any LoRA rank or targets) without reloading the base.
+        """Serve another adapter of the same base (any LoRA rank or targets) without reloading the base, or, in a
+        client of a full-parameter checkpoint, another full-parameter checkpoint's weights in the same model.
 
         An adapter with the current one's LoRA config (e.g. a later checkpoint of the same run) is copied
         into the current adapter's tensors; any other is added next to it, switched to, and the old one
         deleted. Either way nothing changes unless the whole new adapter fits, and the base weights never
         change: a config that would make PEFT change them (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA initialisation,
         KaSA, layer replication, base biases) is refused, and only the adapter's own tensors are written.
+
+        A full-parameter checkpoint goes into the model's own tensors, which is never rebuilt
+        (``modeling.snapshot_hotload``): a delta snapshot of the served checkpoint is applied in place, reading
+        only its deltas, and checked against its manifest before a tensor changes; any other (a base, another
+        chain's snapshot, a client loaded in another dtype than the files) is read whole, through its chain, and
+        copied in. :attr:`last_hotload` says which way it went. The tokenizer stays the one loaded.
 
         Args:
             uri: the checkpoint (any fsspec URI, local path or ``lora://``).
@@ -242,14 +255,19 @@ class SamplingClient:
         Raises:
             CheckpointFormatError: the checkpoint is missing, damaged or malformed.
             ValueError: the checkpoint was trained on another base, its config would change the base, its
-                tensors do not fit its config, or it or this client's model is a full-parameter one (no adapter).
+                tensors do not fit its config or this client's model, or one of it and this client's model is a
+                full-parameter one and the other not (no adapter to swap).
         """
+        if self._served is not None and not isinstance(self.model, PeftModel):
+            hotloaded = load_weights_in_place(
+                self.model, self._served, uri, root, storage_options, base_model=self.base_model
+            )
+            self._served, self.last_hotload = hotloaded.served, hotloaded
+            self.identity = checkpoint_identity(hotloaded.uri, hotloaded.manifest)
+            return self.identity
         opened = open_checkpoint(uri, root, storage_options, base_model=self.base_model)
         if opened.manifest.full_parameter or not isinstance(self.model, PeftModel):
-            raise ValueError(
-                f"Cannot hotload {opened.uri} into this client: a full-parameter checkpoint (or a client serving one) "
-                "has no adapter to swap; open it with SamplingClient.from_checkpoint"
-            )
+            raise ValueError(NO_ADAPTER.format(uri=opened.uri))
         lora_config = saved_lora_config(opened.adapter_config, opened.uri)  # refused here: nothing changed yet
         if not self._copy_into_active(self.model, lora_config, opened.adapter):
             self._add_and_switch(self.model, lora_config, opened.adapter, opened.uri)

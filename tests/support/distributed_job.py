@@ -6,7 +6,8 @@ distributed checkpoint) to ROOT/RUN/default, for benchmarks/distributed_bytes.py
 same 4 examples whatever the world size (4 per process alone, 2 per process with two), so every
 strategy computes the same updates. Saves training checkpoint `step<N>` at the end. With USER_MODULE=1 the
 module is a user's own LightningModule (tests/helpers/user_module.py), saved with `trainer.save_checkpoint`; with
-LORA_RANK=0 a full-parameter LoRAModule (every weight trained; its checkpoints are whole model directories).
+LORA_RANK=0 a full-parameter LoRAModule (every weight trained; its checkpoints are whole model directories), which
+also saves a sampler snapshot `snap<step>` after every step (a base, then deltas: a snapshot chain).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class Examples(L.LightningDataModule):
         world, rank = self.trainer.world_size, self.trainer.global_rank
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(data, batch_size=4 // world, sampler=sampler)
+
+
+class SnapshotEachStep(L.Callback):
+    """A sampler checkpoint after every step, on every rank (FSDP2 gathers the shards collectively)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        pl_module.save_weights_for_sampler(f"snap{trainer.global_step}")  # type: ignore[operator]
 
 
 def main() -> None:
@@ -76,6 +84,7 @@ def main() -> None:
         strategy=strategy,
         max_steps=steps,
         plugins=[io] if io else None,
+        callbacks=[SnapshotEachStep()] if io and not user_module and os.environ.get("LORA_RANK") == "0" else None,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
