@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import safetensors.torch
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -31,6 +32,7 @@ from lightning_lora_ckpt.format.digests import digest_hex
 from lightning_lora_ckpt.format.manifest import Manifest
 from lightning_lora_ckpt.format.snapshot_delta import MAGIC, encode_delta
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
+from lightning_lora_ckpt.format.tensor_files import render_like
 from lightning_lora_ckpt.policy.retention import NEEDED_BY_DELTA
 from lightning_lora_ckpt.storage.loading import open_checkpoint
 from test_full_parameter import FULL_KWARGS, IDS, SHARDS, LogitsAfterEachStep, logits_of
@@ -298,3 +300,18 @@ def test_chains_on_an_object_store(s3_server: dict[str, Any], tmp_path: Path) ->
     assert store.verify("lora://chain/sampler_weights/000003").ok
     store.delete("lora://chain/sampler_weights/000001", cascade=True)
     assert [c.checkpoint_id for c in store.list_checkpoints("chain")] == []
+
+
+def test_render_like_writes_what_safetensors_writes() -> None:
+    """The writer lays a snapshot out in the last one's buffer: the very bytes safetensors would serialise."""
+    first = {"b": torch.randn(3, 5).to(torch.bfloat16), "a": torch.arange(7.0), "c": torch.zeros(0)}
+    template = safetensors.torch.save(first, metadata={"format": "pt"})
+    later = {"a": torch.arange(7.0) * 2, "b": torch.randn(5, 3).to(torch.bfloat16).t(), "c": torch.zeros(0)}
+    out = bytearray(len(template))
+    assert render_like(template, later, out)
+    assert bytes(out) == safetensors.torch.save(
+        {k: v.contiguous() for k, v in later.items()}, metadata={"format": "pt"}
+    )
+    assert not render_like(template, {**later, "a": torch.arange(7)}, out)  # another dtype
+    assert not render_like(template, {**later, "b": torch.zeros(5, 3, dtype=torch.bfloat16)}, out)  # another shape
+    assert not render_like(template, {"a": later["a"]}, out)  # a tensor missing

@@ -36,6 +36,56 @@ _DTYPES: dict[str, torch.dtype] = {k: v for k, v in safetensors.torch._TYPES.ite
 _MAX_HEADER = 100 << 20  # safetensors' own limit
 
 
+def header_names(data: bytes | bytearray | memoryview) -> list[str]:
+    """The tensor names a safetensors file's header lists (``__metadata__`` left out).
+
+    Args:
+        data: a verified safetensors file.
+
+    Returns:
+        The names, in the header's order.
+    """
+    (length,) = struct.unpack_from("<Q", data)
+    return [n for n in json.loads(bytes(data[8 : 8 + length])) if n != "__metadata__"]
+
+
+def render_like(template: bytes | bytearray | memoryview, tensors: dict[str, torch.Tensor], out: bytearray) -> bool:
+    """Write into ``out`` the safetensors file of ``tensors`` that has ``template``'s layout, if it has it.
+
+    safetensors lays a file out from its tensors' names, dtypes and shapes alone (and its metadata), so tensors
+    with exactly the names, dtypes and shapes ``template`` lists make the same header at the same offsets: the file
+    is ``template``'s header and the tensors' bytes at their offsets, with no serialiser and no new buffer (a
+    snapshot chain's writer keeps its buffers from one snapshot to the next).
+
+    Args:
+        template: a safetensors file written with the same metadata.
+        tensors: the tensors, by name (at least the template's; others are ignored), contiguous or not.
+        out: a buffer of ``template``'s size.
+
+    Returns:
+        True if ``out`` now holds the file; False if the tensors do not have the template's layout (``out`` may then
+        hold anything).
+    """
+    (length,) = struct.unpack_from("<Q", template)
+    header = json.loads(bytes(template[8 : 8 + length]))
+    header.pop("__metadata__", None)
+    start = 8 + length
+    if len(out) != len(template) or any(
+        name not in tensors
+        or _DTYPES.get(info["dtype"]) != tensors[name].dtype
+        or list(tensors[name].shape) != info["shape"]
+        for name, info in header.items()
+    ):
+        return False
+    target = memoryview(out)
+    target[:start] = memoryview(template)[:start]
+    for name, info in header.items():
+        begin, end = (start + offset for offset in info["data_offsets"])
+        flat = tensors[name].detach().cpu().contiguous().view(-1)
+        target[begin:end] = flat.view(torch.uint8).numpy().data if flat.numel() else b""
+    return True
+
+
 def load_tensors(data: bytes | memoryview, source: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (never a pickle).
 

@@ -20,6 +20,7 @@ from ..format.model_layout import weight_files
 from ..format.payload import CheckpointPayload
 from ..format.snapshot_delta import encode_delta
 from ..format.snapshots import delta_name
+from ..format.tensor_files import header_names, render_like
 from ..storage.dependents import sibling
 from ..storage.read import manifest_if_any
 
@@ -35,7 +36,7 @@ class _Snapshot:
     uri: str
     name: str
     entries: dict[str, FileEntry]
-    weights: dict[str, bytes]
+    weights: dict[str, bytes | bytearray]
     deltas: int
 
 
@@ -51,6 +52,8 @@ class SnapshotChains:
     max_deltas: int
     _last: _Snapshot | None = None
     _pending: _Snapshot | None = None
+    #: The buffers of the snapshot before the last one, reused for the next: no new model-sized buffer per save.
+    _spares: dict[str, bytearray] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.max_deltas, bool) or not isinstance(self.max_deltas, int) or self.max_deltas < 0:
@@ -79,8 +82,8 @@ class SnapshotChains:
         """
         if payload.model_files is None or payload.checkpoint_type != "sampler":
             return files, lambda manifest: manifest
-        weights = {w: _rendered(files[w]) for w in weight_files(files)}
-        files = {**files, **weights}
+        weights = self._render(files, payload.adapter)
+        files = {**files, **{w: memoryview(data) for w, data in weights.items()}}
         parent = self._parent(uri, name, weights, storage_options)
         deltas = {w: encode_delta(parent.weights[w], d) for w, d in weights.items()} if parent else {}
         fields: dict[str, Any] = {"snapshot": "base"}
@@ -90,7 +93,9 @@ class SnapshotChains:
             fields = {
                 "snapshot": "delta",
                 "parent": parent.name,
-                "rebuilds": {w: FileEntry(len(d), digest_hex(d), DEFAULT_ALGORITHM) for w, d in weights.items()},
+                "rebuilds": {
+                    w: FileEntry(len(d), digest_hex(memoryview(d)), DEFAULT_ALGORITHM) for w, d in weights.items()
+                },
                 "parent_files": {w: parent.entries[w] for w in weights},
             }
 
@@ -110,10 +115,30 @@ class SnapshotChains:
         pending, self._pending = self._pending, None
         if manifest.snapshot is not None and pending is not None and pending.name == manifest.name:
             full = manifest.full_files  # a base's entries: its files' digests as the commit computed them
+            if self._last is not None:
+                self._spares = {w: b for w, b in self._last.weights.items() if isinstance(b, bytearray)}
             self._last = dataclasses.replace(pending, entries={w: full[w] for w in pending.weights})
 
+    def _render(self, files: dict[str, FileContent], tensors: dict[str, Any]) -> dict[str, bytes | bytearray]:
+        """The weight files' bytes: laid out like the last snapshot's into a reused buffer when the tensors are its
+        tensors (names, dtypes, shapes: the same files, ``render_like``), else serialised anew."""
+        names = weight_files(files)
+        last = self._last
+        if last is not None and sorted(last.weights) == names:
+            listed = [n for w in names for n in header_names(last.weights[w])]
+            if len(listed) == len(tensors) and set(listed) == set(tensors):
+                out = {w: self._buffer(w, len(last.weights[w])) for w in names}
+                if all(render_like(last.weights[w], tensors, out[w]) for w in names):
+                    return dict(out)
+        return {w: _rendered(files[w]) for w in names}
+
+    def _buffer(self, name: str, size: int) -> bytearray:
+        """A spare buffer of ``size`` bytes for weight file ``name`` (a new one if none fits)."""
+        spare = self._spares.pop(name, None)
+        return spare if spare is not None and len(spare) == size else bytearray(size)
+
     def _parent(
-        self, uri: str, name: str, weights: dict[str, bytes], storage_options: Mapping[str, Any] | None
+        self, uri: str, name: str, weights: dict[str, bytes | bytearray], storage_options: Mapping[str, Any] | None
     ) -> _Snapshot | None:
         """The last snapshot, if the next one may be a delta of it (see the module docstring)."""
         last = self._last
