@@ -107,21 +107,18 @@ def apply_delta(target: bytearray | memoryview, delta: Buffer, source: str) -> N
     chunk, frames = _header(delta, size, source)
     out = _u8(target)
 
-    def plane(frames: list[tuple[int, int]], length: int) -> np.ndarray:
+    def apply_plane(frames: list[tuple[int, int]], target: np.ndarray) -> None:
         (bits_at, bits_len), (values_at, values_len) = frames
-        bitmap = _decompress(memoryview(delta)[bits_at : bits_at + bits_len], -(-length // 8), source)
-        nonzero = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=length).astype(bool)
-        values = _decompress(memoryview(delta)[values_at : values_at + values_len], int(nonzero.sum()), source)
-        xor = np.zeros(length, dtype=np.uint8)
-        xor[nonzero] = np.frombuffer(values, dtype=np.uint8)
-        return xor
+        bitmap = _decompress(memoryview(delta)[bits_at : bits_at + bits_len], -(-len(target) // 8), source)
+        nonzero = np.flatnonzero(np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=len(target)))
+        values = _decompress(memoryview(delta)[values_at : values_at + values_len], len(nonzero), source)
+        target[nonzero] ^= np.frombuffer(values, dtype=np.uint8)  # only the bytes that change are touched
 
     def rebuild(index: int) -> None:
         start = index * chunk
         end, mine = min(start + chunk, size), frames[FRAMES_PER_CHUNK * index : FRAMES_PER_CHUNK * (index + 1)]
-        half = (end - start + 1) // 2
-        np.bitwise_xor(out[start:end:2], plane(mine[:2], half), out=out[start:end:2])
-        np.bitwise_xor(out[start + 1 : end : 2], plane(mine[2:], end - start - half), out=out[start + 1 : end : 2])
+        apply_plane(mine[:2], out[start:end:2])
+        apply_plane(mine[2:], out[start + 1 : end : 2])
 
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         list(pool.map(rebuild, range(len(frames) // FRAMES_PER_CHUNK)))
