@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pytest
 import safetensors.torch
 import torch
@@ -20,8 +19,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from helpers.cli import cli_json
+from helpers.full_parameter import FULL_KWARGS, IDS, SHARDS, LogitsAfterEachStep, logits_of
 from helpers.resume import FULL_RESUME_KWARGS, adapter, train
-from helpers.training import MODULE_KWARGS, batch_loader, make_trainer, token_batches
+from helpers.training import MODULE_KWARGS, batch_loader, make_trainer
 from lightning_lora_ckpt import (
     CheckpointStore,
     LoRACheckpointIO,
@@ -37,24 +37,6 @@ from lightning_lora_ckpt.format.model_files import decode_model
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
 from lightning_lora_ckpt.tools.convert import convert_layout, read_adapter
 
-FULL_KWARGS: dict[str, Any] = {"base_model": "tiny-qwen3", "rank": 0, "learning_rate": 1e-3, "max_shard_size": "300KB"}
-IDS = token_batches(1, seed=1)[0]["input_ids"]
-SHARDS = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-
-
-class LogitsAfterEachStep(L.Callback):
-    """The module's logits on :data:`IDS` at the start and after every step: what a checkpoint saved then must give."""
-
-    def __init__(self) -> None:
-        self.logits: dict[int, torch.Tensor] = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self.on_train_batch_end(trainer, pl_module, None, None, 0)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():
-            self.logits[trainer.global_step] = pl_module(IDS).clone()
-
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
@@ -66,11 +48,6 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     saver = PeriodicCheckpoint(every_n_train_steps=2, kind="both", save_final=False)
     make_trainer(io, max_steps=4, callbacks=[recorder, saver]).fit(module, batch_loader())
     return {"root": root, "module": module, "logits": recorder.logits}
-
-
-def logits_of(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(input_ids=IDS).logits
 
 
 def test_rank_zero_trains_every_parameter_with_no_peft(full_run: dict[str, Any]) -> None:

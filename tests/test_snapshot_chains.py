@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from helpers.cli import cli, cli_json
+from helpers.full_parameter import FULL_KWARGS, IDS, SHARDS, LogitsAfterEachStep, logits_of
 from helpers.training import batch_loader, make_trainer
 from lightning_lora_ckpt import (
     CheckpointConflictError,
@@ -35,7 +36,6 @@ from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
 from lightning_lora_ckpt.format.tensor_files import render_like
 from lightning_lora_ckpt.policy.retention import NEEDED_BY_DELTA
 from lightning_lora_ckpt.storage.loading import open_checkpoint
-from test_full_parameter import FULL_KWARGS, IDS, SHARDS, LogitsAfterEachStep, logits_of
 
 STEPS = ["000001", "000002", "000003", "000004"]
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
+from helpers.full_parameter import SHARDS, LogitsAfterEachStep, logits_of
 from helpers.training import batch_loader, make_trainer
 from lightning_lora_ckpt import LoRACheckpointIO, LoRAModule, PeriodicCheckpoint, SamplingClient
 from lightning_lora_ckpt.format.strict_json import CheckpointFormatError
-from test_full_parameter import SHARDS, LogitsAfterEachStep, logits_of
 
 STEPS = ["000001", "000002", "000003"]
 
