@@ -21,6 +21,7 @@ from ..format.digests import DEFAULT_ALGORITHM, digest_hex
 from ..format.files import FileContent
 from ..format.layout import join
 from ..format.manifest import MANIFEST, FileEntry, Manifest
+from ..format.strict_json import CheckpointFormatError
 from .fs import CheckpointWriteError, storage_errors
 from .listing import modified_time
 from .protocol import CommitProtocol, MakeManifest, refuse_to_replace, saved_concurrently
@@ -115,7 +116,25 @@ class ManifestLastCommit(CommitProtocol):
                     f"Checkpoint {uri} is being saved by another writer right now (its objects are younger than "
                     f"{TAKEOVER_AFTER:.0f} s); save under another name, or retry later"
                 ) from None
-            return self._upload(join(path, name), data, manifest)
+            version = self._upload(join(path, name), data, manifest)
+            self._undo_damage(uri, path, name, data)
+            return version
+
+    def _undo_damage(self, uri: str, path: str, name: str, data: bytes) -> None:
+        """After overwriting an object of a folder that had no manifest: if another writer committed the folder
+        between that check and the overwrite, its checkpoint now lists an object that is not its own. Take that
+        commit back (the checkpoint is then absent, never damaged) and refuse; its writer asked to save the name
+        while this one was replacing it."""
+        current = self.read_manifest(uri, path)
+        if current is None:
+            return
+        try:
+            entry = Manifest.from_json(current[0], join(uri, MANIFEST)).files.get(name)
+        except CheckpointFormatError:
+            entry = None
+        if entry is None or entry.digest != digest_hex(data, entry.algorithm):
+            self._delete_manifest(join(path, MANIFEST), current[1])
+        raise saved_concurrently(uri)
 
     def _abandoned(self, path: str, name: str) -> bool:
         """Whether an object of a folder without a manifest is a leftover rather than part of a save in flight."""
