@@ -161,6 +161,9 @@ class PeriodicCheckpoint(Callback):
         self.saved: dict[CheckpointType, list[str]] = {"training": [], "sampler": []}
         self._gone: collections.deque[tuple[CheckpointType, str]] = collections.deque()  # from the writer thread
         self.rolling: str | None = None
+        #: The rolling checkpoint a save replaces, recorded in that save's own state: its deletion follows the save,
+        #: and a resume from a process killed in between deletes it at the start.
+        self._stale_rolling: str | None = None
         self._last_step = -1
         self._last_time = time.monotonic()
 
@@ -182,6 +185,9 @@ class PeriodicCheckpoint(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._last_time = time.monotonic()
         self._last_step = trainer.global_step  # nothing new to save at the step a resume starts from
+        stale, self._stale_rolling = self._stale_rolling, None
+        if stale and stale != self.rolling:
+            trainer.strategy.remove_checkpoint(checkpoint_io(trainer).resolve(stale, "training"))
         if self._saves_on_preemption(trainer):
             self.preemption.start(trainer)
 
@@ -218,8 +224,9 @@ class PeriodicCheckpoint(Callback):
     def _save_rolling(self, trainer: Trainer, name: str) -> None:
         if not self._unpublished(trainer, name, ("training",)):
             return  # the previous rolling checkpoint stays the rolling one
-        previous, self.rolling = self.rolling, name
+        previous, self.rolling, self._stale_rolling = self.rolling, name, self.rolling
         self._save(trainer, name, ("training",), "rolling")
+        self._stale_rolling = None
         if previous:
             trainer.strategy.remove_checkpoint(checkpoint_io(trainer).resolve(previous, "training"))
 
@@ -316,12 +323,17 @@ class PeriodicCheckpoint(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         self._forget_gone()
-        return {"saved": {t: list(v) for t, v in self.saved.items()}, "rolling": self.rolling}
+        return {
+            "saved": {t: list(v) for t, v in self.saved.items()},
+            "rolling": self.rolling,
+            "stale_rolling": self._stale_rolling,
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = {t: list(v) for t, v in state_dict["saved"].items()}
         self.rolling = state_dict.get("rolling")
+        self._stale_rolling = state_dict.get("stale_rolling")
 
 
 def _union(retention: Retention | list[Retention] | None) -> Retention | None:
