@@ -137,6 +137,17 @@ def test_pushed_full_parameter_checkpoint_loads_with_transformers_from_the_hub(t
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(folder)(input_ids=ids).logits, expected)
     card = ModelCard.load(folder / "README.md")
     assert card.data.library_name == "transformers" and "AutoModelForCausalLM" in card.text
+    # a delta snapshot is pushed as its full model directory, bit-exact
+    module.save_weights_for_sampler("s0")
+    make_trainer(io, max_steps=2).fit(module, batch_loader(2), ckpt_path=uri)
+    delta = module.save_weights_for_sampler("s1")
+    assert CheckpointStore(str(tmp_path / "ckpts")).get(delta).snapshot == "delta"
+    push_to_hub(delta, "tester/full", revision_tag="delta")
+    pushed = Path(snapshot_download("tester/full", revision="delta"))
+    assert not list(pushed.glob("*.xor.zst"))
+    with torch.no_grad():
+        expected = module.eval()(ids)
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(pushed)(input_ids=ids).logits, expected)
 
 
 def test_push_errors_name_the_repo_and_the_cause(trained, hub: HubServer, monkeypatch: pytest.MonkeyPatch) -> None:
