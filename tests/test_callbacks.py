@@ -144,3 +144,18 @@ def test_sigkill_then_ckpt_path_last_reaches_the_uninterrupted_adapter(tmp_path:
     want = expected.adapter_state_dict()
     assert all(torch.equal(want[k], v) for k, v in final.adapter_state_dict().items())
     assert json.dumps(sorted(ids(store, "auto"))) == json.dumps(["weights/final", "weights/rolling-000016"])
+
+
+def test_a_rolling_checkpoint_a_kill_left_is_deleted_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed between a rolling save and the deletion of the one it replaces: the resume deletes it."""
+    with monkeypatch.context() as patched:  # the first fit "dies" before any rolling deletion runs
+        patched.setattr(LoRACheckpointIO, "remove_checkpoint", lambda self, path: None)
+        io = LoRACheckpointIO(root=str(tmp_path), run_id="run", async_save=False)
+        saver = PeriodicCheckpoint(rolling_every_n_steps=2, save_final=False)
+        make_trainer(io, max_steps=4, callbacks=[saver]).fit(LoRAModule(**MODULE_KWARGS), batch_loader())
+    store = CheckpointStore(str(tmp_path))
+    assert sorted(ids(store, "run")) == ["weights/rolling-000002", "weights/rolling-000004"]
+    io = LoRACheckpointIO(root=str(tmp_path), run_id="run", async_save=False)
+    saver = PeriodicCheckpoint(rolling_every_n_steps=2, save_final=False)
+    make_trainer(io, max_steps=6, callbacks=[saver]).fit(LoRAModule(**MODULE_KWARGS), batch_loader(), ckpt_path="last")
+    assert sorted(ids(store, "run")) == ["weights/rolling-000006"]
