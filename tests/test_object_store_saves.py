@@ -89,3 +89,33 @@ def test_two_memory_writers_of_one_name_one_wins_whole() -> None:
         store = CheckpointStore(root)
         (checkpoint,) = store.list_checkpoints("run")
         assert store.verify(checkpoint.path).ok and checkpoint.step == done[0][1]
+
+
+def test_an_overwrite_racing_a_commit_never_leaves_it_damaged(
+    s3_server: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writer B finds an object of a folder with no manifest and overwrites it; writer A commits the folder between
+    B's look and B's overwrite. A's checkpoint would then list an object that is B's: B takes A's commit back, and
+    the name is absent, never damaged."""
+    from lightning_lora_ckpt.storage.read import manifest_if_any
+    from lightning_lora_ckpt.storage.s3 import S3ManifestLastCommit
+
+    root, options = f"s3://{s3_server['bucket']}/{uuid.uuid4().hex}", s3_server["storage_options"]
+    a, b = (LoRACheckpointIO(root=root, run_id="r", async_save=False, storage_options=options) for _ in range(2))
+    uri = a.resolve("x", "sampler")
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    fs.pipe_file(join(path, "adapter_model.safetensors"), b"left by an interrupted save")
+    upload, armed = S3ManifestLastCommit._upload, [True]
+
+    def a_commits_first(self: Any, target: str, data: bytes, manifest: Any, create: bool = False) -> Any:
+        if armed[0] and not create and target.endswith("adapter_model.safetensors"):
+            armed[0] = False
+            a.save_checkpoint(fake_checkpoint(1, training=False), "x")  # A, whole, between B's look and overwrite
+            assert CheckpointStore(root, options).verify(uri).ok
+        return upload(self, target, data, manifest, create)
+
+    monkeypatch.setattr(S3ManifestLastCommit, "_upload", a_commits_first)
+    with pytest.raises(FileExistsError, match="another writer"):
+        b.save_checkpoint(fake_checkpoint(2, training=False), "x")
+    assert not armed[0] and manifest_if_any(uri, options) is None
+    assert CheckpointStore(root, options).list_checkpoints("r") == []
