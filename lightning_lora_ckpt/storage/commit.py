@@ -262,6 +262,8 @@ def needed_reason(
     Raises:
         CheckpointConflictError: deltas need it and ``dependents`` is ``"refuse"``.
     """
+    if manifest.snapshot is None:  # only snapshots have dependents: no listing on every other deletion
+        return None
     protocol, path = open_protocol(uri, storage_options)
     with storage_errors("list checkpoints", uri):
         found = [
